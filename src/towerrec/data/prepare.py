@@ -1,0 +1,347 @@
+"""Raw source -> validated, split, id-mapped tables + image cache + manifest, in one folder.
+
+Layout of a processed folder::
+
+    interactions.parquet  user_idx, item_idx, timestamp, split (train|val|test), [price, quantity, channel]
+    items.parquet         item_idx, item_id, categorical fields, text, image_path, has_image,
+                          train_count, is_cold
+    users.parquet         user_idx, user_id, attributes, n_train, RFM and lifecycle segments
+    item_categorical.npy  (n_items + 1, n_fields) int64, 0 = unknown
+    item_text.npy         (n_items + 1, max_tokens) int64 hashed token ids, 0 = padding
+    images.npy            (n_items + 1, S, S, 3) uint8, memory-mapped
+    manifest.json         inputs, counts, split, skipped/repaired rows by reason
+
+Ids are contiguous integers from 1; 0 is padding. Interactions are sorted by user, then time;
+rows with the same timestamp keep their source row order (a stable sort), since H&M dates have no
+time of day and the order within a day is unknown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from towerrec.data.image_cache import build_image_cache
+from towerrec.data.schema import DataError, RawDataset
+
+log = logging.getLogger(__name__)
+
+PREPARE_VERSION = 2
+SPLITS = ("train", "val", "test")
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+# ----------------------------------------------------------------------------- staleness
+def inputs_fingerprint(root: str | Path) -> dict[str, Any]:
+    """A cheap fingerprint of every file under ``root``: names, sizes and mtimes, no contents."""
+    root = Path(root)
+    if not root.exists():
+        return {"exists": False}
+    h = hashlib.sha256()
+    n = total = 0
+    stack = [root]
+    entries: list[tuple[str, int, int]] = []
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=True):
+                    stack.append(Path(e.path))
+                elif e.is_file(follow_symlinks=True):
+                    st = e.stat()
+                    entries.append((os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns))
+    for name, size, mtime in sorted(entries):
+        h.update(f"{name}\0{size}\0{mtime}\n".encode())
+        n += 1
+        total += size
+    return {"exists": True, "files": n, "bytes": total, "listing_sha256": h.hexdigest()}
+
+
+def config_hash(data_cfg: DictConfig) -> str:
+    """Hash of what determines the processed folder: the resolved data config and the code version."""
+    cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    cfg.pop("processed_dir", None)
+    cfg.pop("eval", None)  # evaluation options do not change the processed tables
+    blob = json.dumps({"v": PREPARE_VERSION, "cfg": cfg}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_manifest(processed_dir: str | Path) -> dict | None:
+    path = Path(processed_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def is_up_to_date(data_cfg: DictConfig) -> bool:
+    """True when the processed folder's manifest matches the config and the input files."""
+    manifest = read_manifest(data_cfg.processed_dir)
+    return (
+        manifest is not None
+        and manifest.get("config_hash") == config_hash(data_cfg)
+        and manifest.get("inputs") == inputs_fingerprint(data_cfg.root)
+    )
+
+
+# ----------------------------------------------------------------------------- splitting
+def apply_filters(inter: pd.DataFrame, min_user: int, min_item: int, kcore: bool) -> tuple[pd.DataFrame, int]:
+    """Drop users/items with too few interactions (once, or iterated to a k-core)."""
+    before = len(inter)
+    while min_user > 0 or min_item > 0:
+        keep = np.ones(len(inter), dtype=bool)
+        if min_user > 0:
+            keep &= inter.groupby("user_id")["item_id"].transform("size").to_numpy() >= min_user
+        if min_item > 0:
+            keep &= inter.groupby("item_id")["user_id"].transform("size").to_numpy() >= min_item
+        inter = inter[keep]
+        if keep.all() or not kcore:
+            break
+    return inter, before - len(inter)
+
+
+def assign_split(inter: pd.DataFrame, split_cfg: DictConfig | dict) -> tuple[np.ndarray, dict[str, Any]]:
+    """Label each interaction train/val/test. ``inter`` must be sorted by user, then time.
+
+    * ``temporal``: global cut dates. ``test_start = last day - test_days`` and
+      ``val_start = test_start - val_days`` (or given explicitly). Train is strictly before
+      ``val_start``, so nothing in training is after the cut.
+    * ``leave_one_out``: per user, the last interaction is test and the second last validation;
+      users with fewer than 3 interactions stay in training only.
+    """
+    method = split_cfg["method"]
+    labels = np.zeros(len(inter), dtype=np.int8)
+    info: dict[str, Any] = {"method": method}
+    if method == "temporal":
+        ts = inter["timestamp"]
+        last_day = ts.max().normalize()
+        test_start = pd.Timestamp(split_cfg.get("test_start") or last_day - pd.Timedelta(days=split_cfg["test_days"]))
+        val_start = pd.Timestamp(split_cfg.get("val_start") or test_start - pd.Timedelta(days=split_cfg["val_days"]))
+        labels[(ts >= val_start).to_numpy()] = 1
+        labels[(ts >= test_start).to_numpy()] = 2
+        info.update(val_start=str(val_start.date()), test_start=str(test_start.date()),
+                    test_days=split_cfg.get("test_days"), val_days=split_cfg.get("val_days"))
+    elif method == "leave_one_out":
+        user = inter["user_id"].to_numpy()
+        size = inter.groupby("user_id", sort=False)["item_id"].transform("size").to_numpy()
+        from_end = size - 1 - inter.groupby("user_id", sort=False).cumcount().to_numpy()
+        eligible = size >= 3
+        labels[eligible & (from_end == 0)] = 2
+        labels[eligible & (from_end == 1)] = 1
+        info["users_too_short"] = int(pd.Series(size < 3).groupby(user).first().sum())
+    else:
+        raise DataError(f"data.split.method: unknown split method '{method}' (temporal | leave_one_out)")
+    return labels, info
+
+
+# ----------------------------------------------------------------------------- features
+def hash_tokens(texts: pd.Series, buckets: int, max_tokens: int) -> np.ndarray:
+    """Hashing tokenizer: lower-case alphanumeric words -> crc32 % buckets + 1; 0 pads."""
+    out = np.zeros((len(texts) + 1, max_tokens), dtype=np.int64)
+    for row, text in enumerate(texts.fillna("").astype(str), start=1):
+        toks = _TOKEN.findall(text.lower())[:max_tokens]
+        if toks:
+            out[row, : len(toks)] = [zlib.crc32(t.encode()) % buckets + 1 for t in toks]
+    return out
+
+
+def encode_categoricals(items: pd.DataFrame, fields: list[str]) -> tuple[np.ndarray, dict[str, list[str]]]:
+    """Integer codes per field (1.., sorted vocabulary); empty or missing -> 0 (unknown)."""
+    codes = np.zeros((len(items) + 1, len(fields)), dtype=np.int64)
+    vocab: dict[str, list[str]] = {}
+    for j, f in enumerate(fields):
+        col = items[f].astype("string").fillna("").str.strip()
+        values = sorted(v for v in col.unique() if v != "")
+        cat = pd.Categorical(col.where(col != "", None), categories=values)
+        codes[1:, j] = np.asarray(cat.codes, dtype=np.int64) + 1  # -1 (missing) -> 0
+        vocab[f] = values
+    return codes, vocab
+
+
+def customer_segments(
+    train: pd.DataFrame, n_users: int, train_end: pd.Timestamp, new_days: int, active_days: int
+) -> pd.DataFrame:
+    """RFM quantile scores (1 = low .. 3 = high) and lifecycle stage from training data only.
+
+    Recency is days from the last training purchase to the end of training (a high R score means
+    recent), frequency the number of distinct purchase days, monetary the summed spend (price x
+    quantity, or the purchase count without prices). Lifecycle: ``new`` (first purchase within
+    ``new_days`` of the end of training), ``active`` (last purchase within ``active_days``),
+    ``lapsing`` (older), ``no_history`` (no training purchase).
+    """
+    idx = np.arange(1, n_users + 1)
+    seg = pd.DataFrame(index=pd.Index(idx, name="user_idx"))
+    if len(train) == 0:
+        seg["lifecycle"] = "no_history"
+        return seg.reset_index()
+    spend = train["price"] * train.get("quantity", 1) if "price" in train else pd.Series(1.0, index=train.index)
+    g = train.assign(_spend=spend, _day=train["timestamp"].dt.normalize()).groupby("user_idx")
+    agg = pd.DataFrame({
+        "first": g["timestamp"].min(),
+        "last": g["timestamp"].max(),
+        "frequency": g["_day"].nunique(),
+        "monetary": g["_spend"].sum(),
+    })
+    agg["recency_days"] = (train_end - agg["last"]).dt.total_seconds() / 86400.0
+
+    def q3(x: pd.Series, ascending: bool) -> pd.Series:
+        r = x.rank(method="first", ascending=ascending)
+        return pd.qcut(r, 3, labels=[1, 2, 3]).astype(int) if len(x) >= 3 else pd.Series(2, index=x.index)
+
+    agg["rfm_r"] = q3(agg["recency_days"], ascending=False)
+    agg["rfm_f"] = q3(agg["frequency"], ascending=True)
+    agg["rfm_m"] = q3(agg["monetary"], ascending=True)
+    days_since_first = (train_end - agg["first"]).dt.total_seconds() / 86400.0
+    agg["lifecycle"] = np.where(
+        days_since_first <= new_days, "new", np.where(agg["recency_days"] <= active_days, "active", "lapsing")
+    )
+    seg = seg.join(agg[["recency_days", "frequency", "monetary", "rfm_r", "rfm_f", "rfm_m", "lifecycle"]])
+    seg["lifecycle"] = seg["lifecycle"].fillna("no_history")
+    for c in ("rfm_r", "rfm_f", "rfm_m"):
+        seg[c] = seg[c].fillna(0).astype(int)  # 0 = no training history
+    seg["rfm_segment"] = np.where(
+        seg["rfm_r"] > 0, "R" + seg["rfm_r"].astype(str) + "F" + seg["rfm_f"].astype(str) + "M" + seg["rfm_m"].astype(str), "none"
+    )
+    return seg.reset_index()
+
+
+# ----------------------------------------------------------------------------- main
+def prepare(data_cfg: DictConfig, force: bool = False, workers: int = 2) -> Path:
+    """Build ``data_cfg.processed_dir`` unless its manifest shows it is up to date.
+
+    Returns:
+        The processed folder.
+    """
+    out = Path(data_cfg.processed_dir)
+    if not force and is_up_to_date(data_cfg):
+        log.info("%s is up to date (manifest matches config and inputs): nothing to do", out)
+        return out
+    t0 = time.perf_counter()
+    inputs = inputs_fingerprint(data_cfg.root)
+    raw: RawDataset = instantiate(data_cfg.source)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    inter = raw.interactions.copy()
+    inter["_row"] = np.arange(len(inter))
+    inter, n_filtered = apply_filters(
+        inter, data_cfg.filter.min_user_interactions, data_cfg.filter.min_item_interactions, data_cfg.filter.kcore
+    )
+    if len(inter) == 0:
+        raise DataError(f"{data_cfg.root}: no interactions left after validation and filtering")
+    # Stable sort: equal timestamps keep the source row order.
+    inter = inter.sort_values(["user_id", "timestamp", "_row"], kind="mergesort").reset_index(drop=True)
+    labels, split_info = assign_split(inter, data_cfg.split)
+
+    # Ids: contiguous from 1 in sorted raw-id order; 0 is padding.
+    items = raw.items.reset_index(drop=True)
+    missing = ~inter["item_id"].isin(items["item_id"])
+    if missing.any():  # sources add interacted items to the catalog; this guards custom ones
+        extra = pd.DataFrame({"item_id": inter.loc[missing, "item_id"].unique()})
+        items = pd.concat([items, extra], ignore_index=True)
+    order = np.argsort(items["item_id"].to_numpy(dtype=str), kind="stable")
+    items = items.iloc[order].reset_index(drop=True)
+    images = raw.images[order] if raw.images is not None else None
+    items.insert(0, "item_idx", np.arange(1, len(items) + 1, dtype=np.int64))
+    item_map = pd.Series(items["item_idx"].to_numpy(), index=items["item_id"].to_numpy())
+    user_ids = np.sort(inter["user_id"].unique().astype(str))
+    user_map = pd.Series(np.arange(1, len(user_ids) + 1), index=user_ids)
+
+    table = pd.DataFrame({
+        "user_idx": user_map.loc[inter["user_id"].to_numpy()].to_numpy().astype(np.int64),
+        "item_idx": item_map.loc[inter["item_id"].to_numpy()].to_numpy().astype(np.int64),
+        "timestamp": inter["timestamp"].to_numpy(),
+        "split": pd.Categorical.from_codes(labels, categories=list(SPLITS)),
+    })
+    for c in ("price", "quantity", "channel"):
+        if c in inter:
+            table[c] = inter[c].to_numpy()
+    table.to_parquet(tmp / "interactions.parquet", index=False)
+
+    train = table[table["split"] == "train"]
+    train_count = np.bincount(train["item_idx"].to_numpy(), minlength=len(items) + 1)[1:]
+    items["train_count"] = train_count
+    distinct = train.drop_duplicates(["user_idx", "item_idx"])["item_idx"].to_numpy()
+    items["train_users"] = np.bincount(distinct, minlength=len(items) + 1)[1:]
+    items["is_cold"] = train_count == 0
+
+    cats, vocab = encode_categoricals(items, raw.categorical)
+    np.save(tmp / "item_categorical.npy", cats)
+    text = items[raw.text].fillna("").astype(str).agg(" ".join, axis=1) if raw.text else pd.Series([""] * len(items))
+    np.save(tmp / "item_text.npy", hash_tokens(text, data_cfg.text.buckets, data_cfg.text.max_tokens))
+
+    paths = items["image_path"].tolist() if "image_path" in items else [None] * len(items)
+    has_image, image_counts = build_image_cache(paths, tmp / "images.npy", data_cfg.image_size, workers, images)
+    items["has_image"] = has_image[1:]
+    items.to_parquet(tmp / "items.parquet", index=False)
+
+    users = pd.DataFrame({"user_idx": user_map.to_numpy(), "user_id": user_map.index.to_numpy()})
+    if len(raw.users) and "user_id" in raw.users:
+        users = users.merge(raw.users.drop_duplicates("user_id"), on="user_id", how="left")
+    users["n_train"] = np.bincount(train["user_idx"].to_numpy(), minlength=len(users) + 1)[1:]
+    train_end = pd.Timestamp(split_info["val_start"]) if split_info["method"] == "temporal" else train["timestamp"].max()
+    segs = customer_segments(train, len(users), train_end, data_cfg.segments.new_days, data_cfg.segments.active_days)
+    users = users.merge(segs, on="user_idx", how="left")
+    users.to_parquet(tmp / "users.parquet", index=False)
+
+    split_counts = table["split"].value_counts().reindex(list(SPLITS), fill_value=0)
+    cold_targets = {
+        s: int(items["is_cold"].to_numpy()[table.loc[table["split"] == s, "item_idx"].to_numpy() - 1].sum())
+        for s in ("val", "test")
+    }
+    manifest = {
+        "towerrec_prepare_version": PREPARE_VERSION,
+        "name": data_cfg.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config_hash": config_hash(data_cfg),
+        "config": OmegaConf.to_container(data_cfg, resolve=True),
+        "inputs": inputs,
+        "sources": raw.sources,
+        "counts": {
+            "users": len(users),
+            "items": len(items),
+            "interactions": len(table),
+            **{s: int(split_counts[s]) for s in SPLITS},
+            "cold_items": int(items["is_cold"].sum()),
+            "items_never_interacted": int((np.bincount(table["item_idx"], minlength=len(items) + 1)[1:] == 0).sum()),
+            "items_with_image": int(has_image.sum()),
+            "val_cold_interactions": cold_targets["val"],
+            "test_cold_interactions": cold_targets["test"],
+        },
+        "split": split_info,
+        "skipped": dict(raw.skipped),
+        "repaired": dict(raw.repaired),
+        "filtered": {"min_interactions": int(n_filtered)},
+        "images": {"size": data_cfg.image_size, **dict(image_counts)},
+        "features": {
+            "categorical": {f: len(v) + 1 for f, v in vocab.items()},
+            "text_buckets": data_cfg.text.buckets + 1,
+            "text_max_tokens": data_cfg.text.max_tokens,
+        },
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("prepared %s in %.1f s: %s", out, manifest["seconds"], manifest["counts"])
+    return out
+
+
+def ensure_prepared(data_cfg: DictConfig, workers: int = 2) -> Path:
+    """Prepare the data when its processed folder is missing or stale; return the folder."""
+    return prepare(data_cfg, force=False, workers=workers)

@@ -1,0 +1,366 @@
+"""The one metrics module: top-k retrieval over the full catalogue and the metrics computed on it.
+
+Validation, testing, the baselines and the FAISS index check all call these functions, so every number the
+project reports is computed by the same code. The flow is:
+
+1. scores for a chunk of users over *all* items (no sampled negatives), seen items and padding masked,
+2. ``topk_items`` with a deterministic tie-break,
+3. ``rank_metrics`` -> per-user values (one tensor per metric),
+4. ``aggregate`` -> one float per metric, optionally over a user mask (segments, history-length buckets).
+
+Item slices (warm and cold items) are a ``target_mask`` passed to ``rank_metrics``; user slices are a
+``user_mask`` passed to ``aggregate``. Neither copies the metric code.
+
+Item index ``PAD = 0`` is the padding item: it is never recommended ahead of a real item and never counts
+as a target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PAD = 0
+
+NEG_INF = float("-inf")
+
+SeenPairs = tuple[Tensor, Tensor]
+
+
+def mask_seen(scores: Tensor, seen_rows: Tensor, seen_items: Tensor) -> Tensor:
+    """Set ``scores[seen_rows, seen_items]`` to ``-inf`` in place and return ``scores``.
+
+    Args:
+        scores: ``(B, N)`` scores of B users over N items.
+        seen_rows: ``(S,)`` row of each seen pair, in ``[0, B)``.
+        seen_items: ``(S,)`` item of each seen pair, in ``[0, N)``.
+    """
+    scores[seen_rows.to(scores.device), seen_items.to(scores.device)] = NEG_INF
+    return scores
+
+
+def topk_items(scores: Tensor, k: int) -> Tensor:
+    """Top-k item indices per row, best first, ties broken by the lower item index.
+
+    ``scores[:, PAD]`` is set to ``-inf`` in place first. ``torch.topk`` does not specify which of several
+    equal scores it keeps, so the result is made deterministic: rows where a tie straddles the k-th place
+    choose the tied items with the lowest indices, and every row is then ordered by (score descending,
+    item index ascending). Rows with fewer than k unmasked items are filled with masked items (lowest
+    indices first, which may include ``PAD``); those never count as hits.
+
+    Args:
+        scores: ``(B, N)`` float scores without NaN; modified in place.
+        k: number of items to return, ``1 <= k <= N``.
+
+    Returns:
+        ``(B, k)`` long item indices.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D (B, N), got shape {tuple(scores.shape)}")
+    n_items = scores.shape[1]
+    if not 1 <= k <= n_items:
+        raise ValueError(f"k must be in [1, {n_items}] (number of items), got {k}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN; top-k is undefined")
+    scores[:, PAD] = NEG_INF
+    if scores.shape[0] == 0:
+        return torch.empty(0, k, dtype=torch.long, device=scores.device)
+
+    values, idx = scores.topk(k, dim=1)  # (B, k)
+    kth = values[:, -1:]  # (B, 1)
+    # The chosen set is already unique unless some item tied with the k-th score was left out.
+    n_tied = (scores == kth).sum(dim=1)
+    n_tied_kept = (values == kth).sum(dim=1)
+    ambiguous = (n_tied > n_tied_kept).nonzero().squeeze(1)
+    if ambiguous.numel() > 0:
+        sub = scores[ambiguous]  # (A, N)
+        sub_kth = kth[ambiguous]
+        above = sub > sub_kth
+        tied = sub == sub_kth
+        free = k - above.sum(dim=1, keepdim=True)  # places left for tied items
+        chosen = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= free))
+        idx[ambiguous] = chosen.nonzero()[:, 1].view(-1, k)  # row-major, so ascending per row
+
+    idx = idx.sort(dim=1).values  # item index ascending ...
+    order = scores.gather(1, idx).sort(dim=1, descending=True, stable=True).indices  # ... then score
+    return idx.gather(1, order)
+
+
+def _exclude_index(exclude: Tensor | None, device: torch.device) -> Tensor | None:
+    """Item indices masked for every user, from a bool mask ``(N,)`` or a long index tensor."""
+    if exclude is None:
+        return None
+    exclude = exclude.to(device)
+    if exclude.dtype == torch.bool:
+        return exclude.nonzero().squeeze(1)
+    return exclude.long()
+
+
+def topk_from_scorer(
+    score_fn: Callable[[Tensor], Tensor],
+    n_users: int,
+    k: int,
+    seen: SeenPairs | None = None,
+    chunk_size: int = 1024,
+    exclude: Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Top-k items for ``n_users`` users, scoring chunks of users so memory stays bounded.
+
+    Args:
+        score_fn: maps the ``(b,)`` long user rows of a chunk (on ``device``) to their ``(b, N)`` scores.
+            It must return a fresh tensor, since seen items are masked in place.
+        n_users: number of users; rows are ``0 .. n_users - 1``.
+        k: items per user.
+        seen: ``(user_row, item)`` pairs, two ``(S,)`` long tensors, masked to ``-inf`` for that user.
+        chunk_size: users scored at once.
+        exclude: items masked for every user, as a ``(N,)`` bool mask or a long tensor of indices.
+        device: device of the row indices passed to ``score_fn``.
+
+    Returns:
+        ``(n_users, k)`` long item indices on the device of the scores, ties by lower index.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if seen is not None:
+        # Sort the pairs by user once; each chunk is then one contiguous slice found by searchsorted.
+        seen_rows, seen_items = seen
+        if seen_rows.shape != seen_items.shape or seen_rows.dim() != 1:
+            raise ValueError("seen must be two 1-D tensors of equal length (user_row, item)")
+        order = seen_rows.argsort(stable=True)
+        seen_rows, seen_items = seen_rows[order], seen_items[order]
+
+    out: list[Tensor] = []
+    for start in range(0, n_users, chunk_size):
+        end = min(start + chunk_size, n_users)
+        rows = torch.arange(start, end, device=device)
+        scores = score_fn(rows)  # (b, N)
+        if scores.shape[0] != end - start:
+            raise ValueError(f"score_fn returned {scores.shape[0]} rows for a chunk of {end - start} users")
+        if seen is not None:
+            bounds = torch.tensor([start, end], dtype=seen_rows.dtype, device=seen_rows.device)
+            lo, hi = torch.searchsorted(seen_rows, bounds).tolist()
+            mask_seen(scores, seen_rows[lo:hi] - start, seen_items[lo:hi])
+        excluded = _exclude_index(exclude, scores.device)
+        if excluded is not None:
+            scores[:, excluded] = NEG_INF
+        out.append(topk_items(scores, k))
+    if not out:
+        return torch.empty(0, k, dtype=torch.long)
+    return torch.cat(out)
+
+
+def score_topk(
+    user_emb: Tensor,
+    item_emb: Tensor,
+    k: int,
+    seen: SeenPairs | None = None,
+    chunk_size: int = 1024,
+    exclude: Tensor | None = None,
+) -> Tensor:
+    """Exact top-k items by dot product for every user, over the whole catalogue.
+
+    Args:
+        user_emb: ``(U, D)`` user embeddings.
+        item_emb: ``(N, D)`` item embeddings on the same device; row 0 is the padding item.
+        k: items per user.
+        seen: ``(user_row, item)`` pairs over the U users, masked per user.
+        chunk_size: users scored at once; the result does not depend on it.
+        exclude: items masked for every user, as a ``(N,)`` bool mask or a long tensor of indices.
+
+    Returns:
+        ``(U, k)`` long item indices, best first, ties by lower index.
+    """
+    item_t = item_emb.T  # (D, N)
+    return topk_from_scorer(
+        lambda rows: user_emb[rows] @ item_t,  # (b, N)
+        n_users=user_emb.shape[0],
+        k=k,
+        seen=seen,
+        chunk_size=chunk_size,
+        exclude=exclude,
+        device=user_emb.device,
+    )
+
+
+def rank_metrics(
+    topk: Tensor, targets: Tensor, ks: list[int], target_mask: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Per-user Recall, NDCG, MRR and HitRate at each k, vectorised over users.
+
+    Targets are a user's *distinct* held-out items: ``PAD`` entries are ignored and an item repeated in a
+    row counts once. ``target_mask`` keeps only some targets (a slice, e.g. cold items): hits count only on
+    kept targets and the denominators use the number of kept targets. With ``n`` kept targets and the hit
+    indicator ``h_r`` at rank ``r = 1..k``:
+
+    - ``recall@k = sum_r h_r / n``
+    - ``ndcg@k = sum_r h_r / log2(r + 1)`` divided by the ideal ``sum_{r=1}^{min(n, k)} 1 / log2(r + 1)``
+    - ``mrr@k = 1 / r`` of the first hit within k, else 0
+    - ``hit@k = 1`` if any hit within k, else 0
+
+    Users with ``n = 0`` get NaN for every metric, so ``aggregate`` leaves them out.
+
+    Args:
+        topk: ``(U, K)`` long distinct recommended items per user, best first, ``K >= max(ks)``.
+        targets: ``(U, T)`` long held-out items, right-padded with ``PAD``.
+        ks: cut-offs.
+        target_mask: ``(U, T)`` bool, True for the targets that count.
+
+    Returns:
+        ``{"recall@k": (U,), "ndcg@k": (U,), "mrr@k": (U,), "hit@k": (U,)}`` float tensors for each k.
+    """
+    if topk.dim() != 2 or targets.dim() != 2 or topk.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"topk (U, K) and targets (U, T) must share U, got {tuple(topk.shape)} and {tuple(targets.shape)}"
+        )
+    if not ks or min(ks) < 1 or max(ks) > topk.shape[1]:
+        raise ValueError(f"ks must be in [1, {topk.shape[1]}] (columns of topk), got {ks}")
+    if target_mask is not None and target_mask.shape != targets.shape:
+        raise ValueError(
+            f"target_mask shape {tuple(target_mask.shape)} != targets shape {tuple(targets.shape)}"
+        )
+
+    topk = topk.long()
+    targets = targets.long().to(topk.device)
+    keep = targets != PAD
+    if target_mask is not None:
+        keep &= target_mask.to(topk.device)
+    # -1 is no item index, so dropped targets can never match a recommendation.
+    sorted_t = targets.masked_fill(~keep, -1).sort(dim=1).values  # (U, T)
+    distinct = sorted_t != -1
+    distinct[:, 1:] &= sorted_t[:, 1:] != sorted_t[:, :-1]
+    n_targets = distinct.sum(dim=1)  # (U,)
+
+    n_cols = sorted_t.shape[1]
+    if n_cols == 0:
+        hits = torch.zeros_like(topk, dtype=torch.bool)
+    else:
+        pos = torch.searchsorted(sorted_t, topk.contiguous()).clamp_(max=n_cols - 1)
+        hits = sorted_t.gather(1, pos) == topk  # (U, K): recommended item is a kept target
+
+    max_k = max(ks)
+    ranks = torch.arange(1, max_k + 1, device=topk.device, dtype=torch.float32)
+    discount = 1.0 / torch.log2(ranks + 1.0)  # (max_k,)
+    ideal_cum = discount.cumsum(0)
+    has_targets = n_targets > 0
+    nan = torch.tensor(math.nan, device=topk.device)
+
+    out: dict[str, Tensor] = {}
+    for k in ks:
+        h = hits[:, :k].float()  # (U, k)
+        n_hits = h.sum(dim=1)
+        any_hit = n_hits > 0
+        first = h.argmax(dim=1)  # first maximum, i.e. the first hit when there is one
+        ideal = ideal_cum[(n_targets.clamp(min=1, max=k) - 1)]
+        metrics = {
+            f"recall@{k}": n_hits / n_targets.clamp(min=1),
+            f"ndcg@{k}": (h * discount[:k]).sum(dim=1) / ideal,
+            f"mrr@{k}": torch.where(any_hit, 1.0 / (first + 1).float(), 0.0),
+            f"hit@{k}": any_hit.float(),
+        }
+        for name, value in metrics.items():
+            out[name] = torch.where(has_targets, value, nan)
+    return out
+
+
+def aggregate(per_user: dict[str, Tensor], user_mask: Tensor | None = None) -> dict[str, float]:
+    """Mean of each per-user metric over the users in ``user_mask``, ignoring NaN (users without targets).
+
+    ``"users"`` is the number of masked users whose values are non-NaN for every metric. A metric with no
+    such user is NaN.
+    """
+    result: dict[str, float] = {}
+    counted: Tensor | None = None
+    for name, values in per_user.items():
+        if user_mask is not None:
+            values = values[user_mask.to(values.device)]
+        valid = ~torch.isnan(values)
+        counted = valid if counted is None else counted & valid.to(counted.device)
+        result[name] = values[valid].mean().item() if valid.any() else math.nan
+    result["users"] = int(counted.sum().item()) if counted is not None else 0
+    return result
+
+
+def _real_items(topk: Tensor, k: int) -> Tensor:
+    """The recommended items in the first k columns, flattened, without ``PAD``."""
+    if not 1 <= k <= topk.shape[1]:
+        raise ValueError(f"k must be in [1, {topk.shape[1]}] (columns of topk), got {k}")
+    items = topk[:, :k].reshape(-1)
+    return items[items != PAD]
+
+
+def coverage_at_k(topk: Tensor, n_items: int, k: int) -> float:
+    """Fraction of the catalogue's real items (``1 .. n_items - 1``) that appear in some user's top-k.
+
+    Args:
+        n_items: N, the number of item indices including ``PAD``.
+    """
+    if n_items < 2:
+        raise ValueError(f"n_items must count PAD plus at least one real item, got {n_items}")
+    return _real_items(topk, k).unique().numel() / (n_items - 1)
+
+
+def popularity_percentile_at_k(topk: Tensor, item_popularity: Tensor, k: int) -> float:
+    """Mean popularity percentile of the recommended items, in ``[0, 1]``.
+
+    An item's percentile is the average (tie-aware) rank of its training count among the real items
+    ``1 .. N - 1``, scaled so the least popular item gets 0 and the most popular gets 1. ``PAD`` entries of
+    ``topk`` are left out.
+
+    Args:
+        item_popularity: ``(N,)`` training interaction counts; entry 0 (``PAD``) is ignored.
+    """
+    popularity = item_popularity.float()
+    real = popularity[1:].sort().values  # (N - 1,)
+    if real.numel() < 2:
+        raise ValueError("popularity percentiles need at least two real items")
+    below = torch.searchsorted(real, popularity, right=False)
+    up_to = torch.searchsorted(real, popularity, right=True)
+    percentile = (below + (up_to - below - 1) / 2) / (real.numel() - 1)  # (N,), mid-rank for ties
+    items = _real_items(topk, k).to(percentile.device)
+    return percentile[items].mean().item() if items.numel() else math.nan
+
+
+def novelty_at_k(topk: Tensor, item_popularity: Tensor, n_users_train: int, k: int) -> float:
+    """Mean self-information ``-log2 p(i)`` of the recommended items, in bits.
+
+    ``p(i) = (count_i + 1) / (n_users_train + 1)`` is the add-one smoothed share of training users who
+    interacted with item i, so unseen items get a finite value and ``p(i) <= 1``. ``PAD`` entries of
+    ``topk`` are left out.
+
+    Args:
+        item_popularity: ``(N,)`` number of distinct training users per item (at most ``n_users_train``).
+        n_users_train: number of training users.
+    """
+    if (item_popularity > n_users_train).any():
+        raise ValueError("item_popularity must count distinct training users, at most n_users_train")
+    p = (item_popularity.double() + 1) / (n_users_train + 1)
+    items = _real_items(topk, k).to(p.device)
+    return (-torch.log2(p[items])).mean().item() if items.numel() else math.nan
+
+
+def intra_list_diversity_at_k(topk: Tensor, item_features: Tensor, k: int, chunk_size: int = 1024) -> float:
+    """``1 -`` mean pairwise cosine similarity within each user's top-k, averaged over users.
+
+    Features are L2-normalised here; an all-zero feature vector has similarity 0 to everything. Pairs are
+    the ``k * (k - 1)`` ordered pairs of distinct positions.
+
+    Args:
+        item_features: ``(N, F)`` item feature vectors (e.g. embeddings or one-hot categories).
+        k: list length, at least 2.
+        chunk_size: users processed at once.
+    """
+    if not 2 <= k <= topk.shape[1]:
+        raise ValueError(f"k must be in [2, {topk.shape[1]}] (columns of topk), got {k}")
+    features = F.normalize(item_features.float(), dim=-1)
+    total = 0.0
+    for start in range(0, topk.shape[0], chunk_size):
+        f = features[topk[start : start + chunk_size, :k].to(features.device)]  # (b, k, F)
+        sim = f @ f.transpose(1, 2)  # (b, k, k)
+        off_diagonal = sim.sum(dim=(1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(dim=1)
+        total += (1.0 - off_diagonal / (k * (k - 1))).sum().item()
+    return total / topk.shape[0] if topk.shape[0] else math.nan

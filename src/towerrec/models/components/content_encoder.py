@@ -1,0 +1,46 @@
+"""Content features: categorical fields and text (hashed tokens, optionally sentence features)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class ContentEncoder(nn.Module):
+    """Embeds categorical fields and hashed text tokens, projects them to ``out_dim``.
+
+    Args:
+        cardinalities: vocabulary size of each categorical field (code 0 = unknown).
+        text_buckets: hashed-token vocabulary size (0 = padding); 0 disables text.
+        out_dim: output size.
+        field_dim: embedding size per field and for the text bag.
+        sentence_dim: size of precomputed sentence-model features; 0 disables them.
+        dropout: dropout before the projection.
+    """
+
+    def __init__(
+        self,
+        cardinalities: list[int],
+        text_buckets: int,
+        out_dim: int,
+        field_dim: int = 16,
+        sentence_dim: int = 0,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.fields = nn.ModuleList(nn.Embedding(c, field_dim, padding_idx=0) for c in cardinalities)
+        self.text = nn.EmbeddingBag(text_buckets, field_dim, mode="mean", padding_idx=0) if text_buckets > 1 else None
+        in_dim = field_dim * (len(self.fields) + (self.text is not None)) + sentence_dim
+        if in_dim == 0:
+            raise ValueError("ContentEncoder: the data has no categorical, text or sentence features")
+        self.sentence_dim = sentence_dim
+        self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
+        self.out_dim = out_dim
+
+    def forward(self, categorical: Tensor, text: Tensor, sentence: Tensor | None = None) -> Tensor:
+        parts = [emb(categorical[:, j]) for j, emb in enumerate(self.fields)]  # F x (B, field_dim)
+        if self.text is not None:
+            parts.append(self.text(text))  # (B, field_dim); all-padding rows give zeros
+        if self.sentence_dim:
+            parts.append(sentence)
+        return self.proj(torch.cat(parts, dim=-1))

@@ -1,0 +1,37 @@
+"""Item-ID embedding with ID dropout (DropoutNet-style) for cold-start robustness."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class IdEmbedding(nn.Module):
+    """An embedding per item id, replaced by a learned "unknown" vector when the id is not usable.
+
+    During training each id is dropped with probability ``dropout_p``, so the rest of the item
+    tower learns to stand on its own. Items with no training interaction (``warm`` False) never
+    use their id: their row was never trained.
+
+    Args:
+        num_items: catalog size (ids 1..num_items; 0 is padding).
+        dim: output size.
+        dropout_p: probability of replacing a warm item's id embedding while training.
+    """
+
+    def __init__(self, num_items: int, dim: int, dropout_p: float = 0.3) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.unknown = nn.Parameter(torch.zeros(dim))
+        self.dropout_p = dropout_p
+        self.out_dim = dim
+        nn.init.normal_(self.embedding.weight, std=0.05)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+
+    def forward(self, idx: Tensor, warm: Tensor) -> Tensor:
+        use_id = warm
+        if self.training and self.dropout_p > 0:
+            use_id = use_id & (torch.rand(idx.shape, device=idx.device) >= self.dropout_p)
+        emb = self.embedding(idx)  # (..., D)
+        return torch.where(use_id.unsqueeze(-1), emb, self.unknown.expand_as(emb))

