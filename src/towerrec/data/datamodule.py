@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from towerrec.data.image_cache import load_image_cache
 
@@ -72,6 +72,32 @@ class _BatchDataset(Dataset):
     def __getitem__(self, rows: list[int]) -> dict[str, Tensor]:
         idx = torch.as_tensor(rows, dtype=torch.long)
         return {k: v[idx] for k, v in self.tensors.items()}
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of row indices, shuffled by a generator seeded from ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before each epoch, so the order of an epoch is the same
+    whether or not the run was resumed from a checkpoint.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        yield from (order[i : i + self.batch_size].tolist() for i in range(0, self.n, self.batch_size))
 
 
 def _pad_groups(group: np.ndarray, values: np.ndarray, width: int, align: str) -> np.ndarray:
@@ -137,6 +163,7 @@ class SequenceDataModule(L.LightningDataModule):
         max_targets: cap on distinct held-out items per user (the rest are counted and dropped).
         num_workers: DataLoader workers.
         sentence_features: optional ``.npy`` of precomputed sentence-model item features.
+        seed: seeds the shuffling (with the epoch number).
     """
 
     def __init__(
@@ -150,6 +177,7 @@ class SequenceDataModule(L.LightningDataModule):
         max_targets: int = 500,
         num_workers: int = 0,
         sentence_features: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.processed_dir = Path(processed_dir)
@@ -161,6 +189,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.max_targets = max_targets
         self.num_workers = num_workers
         self.sentence_features = sentence_features
+        self.seed = seed
         self._loaded = False
 
     # ------------------------------------------------------------------ loading
@@ -248,10 +277,9 @@ class SequenceDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = RandomSampler(data) if shuffle else SequentialSampler(data)
         return DataLoader(
             data,
-            sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=False),
+            sampler=EpochBatchSampler(len(data), batch_size, shuffle, self.seed),
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

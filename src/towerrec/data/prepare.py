@@ -26,7 +26,6 @@ import re
 import shutil
 import time
 import zlib
-from collections import Counter
 from pathlib import Path
 from typing import Any
 

@@ -25,7 +25,7 @@ class IdEmbedding(nn.Module):
         self.unknown = nn.Parameter(torch.zeros(dim))
         self.dropout_p = dropout_p
         self.out_dim = dim
-        nn.init.normal_(self.embedding.weight, std=0.05)
+        nn.init.normal_(self.embedding.weight, std=1.0)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
 

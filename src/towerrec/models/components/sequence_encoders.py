@@ -55,6 +55,8 @@ class CausalTransformerEncoder(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.max_len = max_len
         self.pos = nn.Embedding(max_len, dim)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.scale = dim**0.5
         self.blocks = nn.ModuleList(_Block(dim, num_heads, dropout) for _ in range(num_layers))
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
@@ -64,7 +66,9 @@ class CausalTransformerEncoder(nn.Module):
         length = x.shape[1]
         # Positions count back from the most recent item, which always sits at max_len - 1.
         pos = torch.arange(self.max_len - length, self.max_len, device=x.device)
-        h = self.dropout(x + self.pos(pos))  # (B, L, D)
+        # Item embeddings are unit-norm; scaled by sqrt(dim) (as in SASRec) their entries are O(1),
+        # so the positions do not drown them.
+        h = self.dropout(x * self.scale + self.pos(pos))  # (B, L, D)
         causal = torch.triu(torch.full((length, length), _NEG, device=x.device, dtype=h.dtype), diagonal=1)
         keys = torch.zeros(padding_mask.shape, device=x.device, dtype=h.dtype).masked_fill(padding_mask, _NEG)
         mask = causal + keys[:, None, None, :]  # (B, 1, L, L), additive

@@ -1,0 +1,218 @@
+"""Benchmark the index configs: build time, size, recall@k against exact search, and query speed.
+
+Each config in ``configs/index/`` is built twice over the same vectors: once through the export code
+(:func:`towerrec.retrieval.index.build_index`, searched through :func:`towerrec.retrieval.index.search`)
+and once with the raw FAISS calls for the same factory string, so the ratios show what the project's
+wrappers cost (targets: build <= 1.1x raw, query <= 1.2x raw).
+
+    python scripts/bench_index.py                      # 1M random unit vectors, d=64, every config
+    python scripts/bench_index.py --n 200000 --configs hnsw ivf_pq
+    python scripts/bench_index.py --n 200000 --export exports/hnsw --sweep-ef 128,256,512
+
+Random unit vectors in 64-d have no cluster structure, so they are a hard case for every ANN index;
+real item embeddings (``--export``) are easier. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from towerrec import CONFIG_DIR
+from towerrec.retrieval.index import (
+    IndexSpec,
+    ann_recall,
+    build_index,
+    exact_search,
+    normalized,
+    search,
+    set_params,
+    training_sample,
+)
+
+CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "index").glob("*.yaml"))
+
+
+def load_spec(name: str) -> IndexSpec:
+    return instantiate(OmegaConf.load(Path(CONFIG_DIR) / "index" / f"{name}.yaml"))
+
+
+def time_queries(search_one, queries: np.ndarray, n_single: int, repeat: int) -> tuple[float, float]:
+    """(single-query QPS, batched QPS), best of ``repeat`` runs each."""
+    single, batched = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for i in range(n_single):
+            search_one(queries[i : i + 1])
+        single.append(n_single / (time.perf_counter() - t))
+        t = time.perf_counter()
+        search_one(queries)
+        batched.append(len(queries) / (time.perf_counter() - t))
+    return max(single), max(batched)
+
+
+def raw_build(
+    factory: str, spec: IndexSpec, x: np.ndarray, ids: np.ndarray, sample: np.ndarray
+) -> faiss.Index:
+    """The plain FAISS calls for one factory string."""
+    index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    space = faiss.ParameterSpace()
+    for name, value in spec.build_params.items():
+        space.set_index_parameter(index, name, value)
+    if not index.is_trained:
+        index.train(sample)
+    index.add_with_ids(x, ids)
+    for name, value in spec.search_params.items():
+        space.set_index_parameter(index, name, value)
+    return index
+
+
+def bench_config(name, x, ids, queries, exact, args) -> list[dict]:
+    spec = load_spec(name)
+    t = time.perf_counter()
+    built = build_index(spec, x, ids)
+    build_s = time.perf_counter() - t
+    index = built.index
+    row = {"index": name, "factory": built.factory, "build_s": build_s}
+    row["size_mb"] = faiss.serialize_index(index).nbytes / 2**20 if args.size else float("nan")
+    row["recall"] = ann_recall(search(index, queries, args.k)[1], exact, args.k)
+    row["qps1"], row["qpsb"] = time_queries(
+        lambda q: search(index, q, args.k), queries, args.single, args.repeat
+    )
+    sweep = []
+    if args.sweep_ef and "HNSW" in built.factory:
+        for ef in args.sweep_ef:
+            set_params(index, {"efSearch": ef})
+            recall = ann_recall(search(index, queries, args.k)[1], exact, args.k)
+            qps1, qpsb = time_queries(lambda q: search(index, q, args.k), queries, args.single, 1)
+            sweep.append({"index": f"{name} efSearch={ef}", "recall": recall, "qps1": qps1, "qpsb": qpsb})
+    index = built = None  # free the memory before the raw build
+    gc.collect()
+
+    if not args.skip_raw:
+        sample = training_sample(x, spec.train_sample, spec.seed)  # what build_index trains on
+        t = time.perf_counter()
+        raw = raw_build(row["factory"], spec.resolve(len(x), x.shape[1]), x, ids, sample)
+        row["raw_build_s"] = time.perf_counter() - t
+        row["raw_recall"] = ann_recall(raw.search(queries, args.k)[1], exact, args.k)
+        row["raw_qps1"], row["raw_qpsb"] = time_queries(
+            lambda q: raw.search(q, args.k), queries, args.single, args.repeat
+        )
+        del raw
+        gc.collect()
+    return [row, *sweep]
+
+
+def bench_loaded_export(path: Path, queries, exact, args) -> dict:
+    """The export folder's own index as saved: ItemIndex.search against raw faiss.read_index."""
+    from towerrec.retrieval import load_export
+
+    item_index = load_export(path)
+    m = item_index.manifest
+    row = {
+        "index": f"{m['index']['name']} (as exported)",
+        "factory": m["factory"],
+        "build_s": m["build_seconds"],
+    }
+    row["size_mb"] = m["files"]["index.faiss"]["bytes"] / 2**20
+    row["recall"] = ann_recall(item_index.search(queries, args.k)[1], exact, args.k)
+    row["qps1"], row["qpsb"] = time_queries(
+        lambda q: item_index.search(q, args.k), queries, args.single, args.repeat
+    )
+    raw = faiss.read_index(str(path / "index.faiss"))
+    set_params(raw, m["index"]["spec"].get("search_params") or {})
+    row["raw_recall"] = ann_recall(raw.search(queries, args.k)[1], exact, args.k)
+    row["raw_qps1"], row["raw_qpsb"] = time_queries(
+        lambda q: raw.search(q, args.k), queries, args.single, args.repeat
+    )
+    return row
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return format(value, spec)
+
+
+def table(rows: list[dict], k: int) -> str:
+    head = [
+        "data", "index", "factory", "build s", "raw build s", "build ratio", "size MB", f"recall@{k}",
+        "raw recall", "1-query QPS", "raw 1-query QPS", "query ratio", "batch QPS", "raw batch QPS", "batch ratio",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        raw_b, raw_1, raw_q = r.get("raw_build_s"), r.get("raw_qps1"), r.get("raw_qpsb")
+        cells = [
+            r["data"], r["index"], r.get("factory", ""), fmt(r.get("build_s"), ".1f"), fmt(raw_b, ".1f"),
+            fmt(r["build_s"] / raw_b if raw_b and r.get("build_s") and "raw_build_s" in r else None, ".2f"),
+            fmt(r.get("size_mb"), ".1f"), fmt(r["recall"], ".4f"), fmt(r.get("raw_recall"), ".4f"),
+            fmt(r["qps1"], ".0f"), fmt(raw_1, ".0f"), fmt(raw_1 / r["qps1"] if raw_1 else None, ".2f"),
+            fmt(r["qpsb"], ".0f"), fmt(raw_q, ".0f"), fmt(raw_q / r["qpsb"] if raw_q else None, ".2f"),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000, help="random unit vectors (0: skip them)")
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--queries", type=int, default=1000, help="queries for recall and batched QPS")
+    p.add_argument("--single", type=int, default=200, help="queries timed one at a time")
+    p.add_argument("--repeat", type=int, default=2, help="timing runs; the best is kept")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    p.add_argument("--export", type=Path, help="also bench on this export folder's item embeddings")
+    p.add_argument("--sweep-ef", type=lambda s: [int(v) for v in s.split(",")], default=[],
+                   help="HNSW: also report recall and QPS at these efSearch values")  # fmt: skip
+    p.add_argument("--skip-raw", action="store_true", help="only the export code path")
+    p.add_argument("--no-size", dest="size", action="store_false", help="skip serialising for the size")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    datasets = []
+    if args.n:
+        x = normalized(rng.standard_normal((args.n, args.d), dtype=np.float32))
+        q = normalized(rng.standard_normal((args.queries, args.d), dtype=np.float32))
+        datasets.append((f"random {args.n:,} x {args.d}", x, np.arange(1, args.n + 1), q, None))
+    if args.export is not None:
+        x = normalized(np.load(args.export / "item_embeddings.npy"))
+        ids = pd.read_parquet(args.export / "item_ids.parquet")["item_idx"].to_numpy()
+        q = x[np.sort(rng.choice(len(x), min(args.queries, len(x)), replace=False))]
+        datasets.append((f"export {args.export.name} ({len(x):,} x {x.shape[1]})", x, ids, q, args.export))
+
+    rows = []
+    print(
+        f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, GPUs visible: {faiss.get_num_gpus()}"
+    )
+    for label, x, ids, queries, export in datasets:
+        t = time.perf_counter()
+        exact = exact_search(x, ids, queries, args.k)
+        print(
+            f"{label}: exact top-{args.k} for {len(queries)} queries in {time.perf_counter() - t:.1f}s",
+            flush=True,
+        )
+        for name in args.configs:
+            for row in bench_config(name, x, ids, queries, exact, args):
+                rows.append({"data": label, **row})
+                print(f"  {row['index']}: recall {row['recall']:.4f}", flush=True)
+        if export is not None:
+            rows.append({"data": label, **bench_loaded_export(export, queries, exact, args)})
+    print()
+    print(table(rows, args.k))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""FAISS index specs, built from an ``index_factory`` string; device choice; ANN recall against exact search.
+
+Every index holds L2-normalised float32 vectors under the inner-product metric (the score the towers are
+trained with) and is wrapped in ``IDMap2`` so that a search returns the project's item indices and
+``reconstruct(item_idx)`` works.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import faiss
+import numpy as np
+import torch
+
+from towerrec.evaluation.metrics import aggregate, rank_metrics
+
+log = logging.getLogger(__name__)
+
+METRIC = faiss.METRIC_INNER_PRODUCT
+METRIC_NAME = "inner_product"
+# FAISS warns when k-means gets fewer training points than this per centroid.
+MIN_POINTS_PER_CENTROID = 39
+# Index types with no GPU implementation in FAISS (their factory-string keys).
+NO_GPU = ("HNSW", "NSG")
+
+
+@dataclass
+class IndexSpec:
+    """One index configuration, from ``configs/index/<name>.yaml``.
+
+    Args:
+        name: the config's name (also names the default export folder).
+        factory: an ``index_factory`` string without the ``IDMap2,`` prefix. It may hold ``{nlist}``,
+            ``{pq_m}`` and ``{pq_nbits}``, filled in by :meth:`resolve` for the catalogue at hand.
+        nlist: IVF lists; ``"auto"`` is ``4 * sqrt(N)``, capped so each list gets 39 training points.
+        pq_m: PQ sub-quantizers; ``"auto"`` is the largest divisor of ``dim`` that is at most ``dim / 4``.
+        pq_nbits: bits per PQ code; ``"auto"`` is 8, fewer when the training sample is too small for 256
+            centroids per sub-quantizer.
+        build_params: FAISS parameters set before adding vectors (``efConstruction``).
+        search_params: FAISS parameters set for searching (``efSearch``, ``nprobe``, ``k_factor_rf``).
+        train_sample: vectors sampled to train trained indexes (IVF, PQ, SQ); None trains on all of them.
+        gpu: ``auto`` uses a GPU when FAISS sees one, ``true`` asks for one, ``false`` never does.
+        seed: the training-sample seed.
+    """
+
+    name: str
+    factory: str
+    nlist: int | str | None = None
+    pq_m: int | str | None = None
+    pq_nbits: int | str | None = None
+    build_params: dict[str, float] = field(default_factory=dict)
+    search_params: dict[str, float] = field(default_factory=dict)
+    train_sample: int | None = None
+    gpu: bool | str = "auto"
+    seed: int = 0
+
+    def resolve(self, n: int, dim: int) -> IndexSpec:
+        """The spec with ``auto`` sizes worked out for ``n`` vectors of size ``dim``."""
+        n_train = min(n, self.train_sample) if self.train_sample else n
+        nlist = self.nlist
+        if nlist == "auto":
+            nlist = max(1, min(round(4 * math.sqrt(n)), n_train // MIN_POINTS_PER_CENTROID))
+        pq_m = self.pq_m
+        if pq_m == "auto":
+            pq_m = max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
+        pq_nbits = self.pq_nbits
+        if pq_nbits == "auto":
+            pq_nbits = int(min(8, max(1, math.floor(math.log2(max(2, n_train // MIN_POINTS_PER_CENTROID))))))
+        params = {"nlist": nlist, "pq_m": pq_m, "pq_nbits": pq_nbits}
+        for key, value in params.items():
+            if f"{{{key}}}" in self.factory and not isinstance(value, int):
+                raise ValueError(
+                    f"index {self.name!r}: factory {self.factory!r} needs {key} (an int or 'auto')"
+                )
+        return IndexSpec(**{**asdict(self), **params})
+
+    def factory_string(self) -> str:
+        """The full factory string, ``IDMap2,`` prefix included (call on a resolved spec)."""
+        inner = self.factory.format(nlist=self.nlist, pq_m=self.pq_m, pq_nbits=self.pq_nbits)
+        return inner if inner.startswith("IDMap") else f"IDMap2,{inner}"
+
+
+def select_faiss_device(requested: bool | str, num_gpus: int, factory: str) -> tuple[str, str]:
+    """Where to build and search an index: ``("cpu" | "gpu", reason)``.
+
+    Args:
+        requested: the config's ``gpu``: ``auto``, ``true`` or ``false`` (bools or strings).
+        num_gpus: ``faiss.get_num_gpus()``; 0 with the faiss-cpu package.
+        factory: the factory string, to spot index types FAISS has no GPU version of.
+    """
+    value = str(requested).strip().lower()
+    if value in ("false", "no", "off", "0", "cpu", "none"):
+        return "cpu", "CPU requested (gpu: false)"
+    if value not in ("auto", "true", "yes", "on", "1", "gpu"):
+        raise ValueError(f"gpu must be auto, true or false, got {requested!r}")
+    if num_gpus <= 0:
+        return "cpu", "no GPU visible to FAISS (faiss-cpu build or no device); building on CPU"
+    unsupported = [key for key in NO_GPU if key in factory]
+    if unsupported:
+        return "cpu", f"{unsupported[0]} has no GPU implementation in FAISS; building {factory!r} on CPU"
+    return "gpu", f"{num_gpus} GPU(s) visible to FAISS; building and searching on GPU 0"
+
+
+def set_params(index: faiss.Index, params: dict[str, float]) -> None:
+    """Set FAISS parameters by name through ``ParameterSpace`` (it sees through IDMap and refine wrappers)."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, name, float(value))
+        except RuntimeError as err:
+            raise ValueError(f"FAISS parameter {name}={value} does not apply to this index") from err
+
+
+def normalized(vectors: np.ndarray) -> np.ndarray:
+    """A float32, C-contiguous, L2-normalised copy of ``vectors`` (rows of zeros stay zero)."""
+    x = np.array(vectors, dtype=np.float32, order="C", copy=True)
+    faiss.normalize_L2(x)
+    return x
+
+
+def training_sample(vectors: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """Up to ``size`` rows of ``vectors``, drawn without replacement."""
+    if not size or size >= len(vectors):
+        return vectors
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size, replace=False))
+    return vectors[rows]
+
+
+@dataclass
+class BuiltIndex:
+    """A built index (on CPU, ready to save) and how it was made."""
+
+    index: faiss.Index
+    spec: IndexSpec
+    factory: str
+    device: str
+    device_reason: str
+    train_seconds: float
+    add_seconds: float
+
+    @property
+    def build_seconds(self) -> float:
+        return self.train_seconds + self.add_seconds
+
+
+def build_index(
+    spec: IndexSpec,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    num_gpus: int | None = None,
+    keep_on_device: bool = False,
+) -> BuiltIndex:
+    """Build ``spec`` over unit-norm ``vectors`` whose ids are ``ids``.
+
+    Args:
+        spec: the index config; ``auto`` sizes are resolved here.
+        vectors: ``(N, D)`` float32 unit-norm rows.
+        ids: ``(N,)`` int64 ids returned by searches (the item indices).
+        num_gpus: GPUs visible to FAISS; ``faiss.get_num_gpus()`` when None.
+        keep_on_device: return the GPU index instead of its CPU copy (for searching right away).
+    """
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if x.ndim != 2 or len(x) != len(ids):
+        raise ValueError(f"vectors (N, D) and ids (N,) must match, got {x.shape} and {ids.shape}")
+    norms = np.linalg.norm(x, axis=1)
+    if not np.allclose(norms, 1.0, atol=1e-3):
+        raise ValueError(
+            "vectors must be L2-normalised for the inner-product metric (see retrieval.normalized)"
+        )
+    spec = spec.resolve(len(x), x.shape[1])
+    factory = spec.factory_string()
+    gpus = faiss.get_num_gpus() if num_gpus is None else num_gpus
+    device, reason = select_faiss_device(spec.gpu, gpus, factory)
+    index = faiss.index_factory(x.shape[1], factory, METRIC)
+    set_params(index, spec.build_params)
+    if device == "gpu":
+        try:
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        except (AttributeError, RuntimeError) as err:  # a factory part the GPU cloner does not know
+            device, reason = "cpu", f"GPU copy of {factory!r} failed ({err}); building on CPU"
+    log.info("index %s (%s): %s", spec.name, factory, reason)
+
+    t0 = time.perf_counter()
+    if not index.is_trained:
+        index.train(training_sample(x, spec.train_sample, spec.seed))
+    t1 = time.perf_counter()
+    index.add_with_ids(x, ids)
+    t2 = time.perf_counter()
+    set_params(index, spec.search_params)
+    if device == "gpu" and not keep_on_device:
+        index = faiss.index_gpu_to_cpu(index)
+        set_params(index, spec.search_params)
+    return BuiltIndex(index, spec, factory, device, reason, t1 - t0, t2 - t1)
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, ids)``, each ``(B, k)``, best first; missing results have id -1."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None]
+    return index.search(q, k)
+
+
+def exact_search(database: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k ids by inner product (``faiss.contrib.exhaustive_search.knn``), ``(B, k)``."""
+    from faiss.contrib.exhaustive_search import knn
+
+    _, rows = knn(np.ascontiguousarray(queries, dtype=np.float32), database, k, metric=METRIC)
+    return ids[rows]
+
+
+def ann_recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Recall@k of ANN ids against the exact top-k ids, with the project's metrics (ids must be >= 1)."""
+    per_query = rank_metrics(torch.from_numpy(found[:, :k]), torch.from_numpy(exact[:, :k]), [k])
+    return aggregate({"recall": per_query[f"recall@{k}"]})["recall"]
+
+
+def measure_recall(
+    index: faiss.Index, database: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int = 10
+) -> float:
+    """Recall@k of ``index`` against exact search over ``database`` for ``queries``."""
+    k = min(k, len(database))
+    _, found = search(index, queries, k)
+    return ann_recall(found, exact_search(database, ids, queries, k), k)

@@ -1,0 +1,273 @@
+"""Load an export folder, verify it against its manifest, and answer item-to-item and history queries."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from towerrec.checkpoint import file_sha256
+from towerrec.retrieval.export import (
+    EMBEDDINGS_FILE,
+    FORMAT,
+    INDEX_FILE,
+    ITEMS_FILE,
+    MANIFEST_FILE,
+    ExportError,
+    manifest_digest,
+)
+from towerrec.retrieval.index import METRIC, METRIC_NAME, search, select_faiss_device, set_params
+
+log = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("format", "checkpoint", "factory", "metric", "dim", "count", "files", "index")
+
+
+class UnknownItemError(KeyError):
+    """An item id that is not in the exported catalogue."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class Hit:
+    """One retrieved item."""
+
+    item_id: str
+    item_idx: int
+    score: float
+    title: str
+    image: str | None
+    is_cold: bool
+    because: str | None = None  # history queries: the history item most similar to this one
+    because_score: float | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        if self.because is None:
+            del out["because"], out["because_score"]
+        return out
+
+
+class ItemIndex:
+    """An export folder, loaded: the FAISS index, the item table and the item embeddings.
+
+    Use :func:`load_export` to make one.
+    """
+
+    def __init__(
+        self, root: Path, manifest: dict, index: faiss.Index, items: pd.DataFrame, embeddings: np.ndarray
+    ) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.index = index
+        self.items = items
+        self.embeddings = embeddings  # (N, D), row r = items.iloc[r]
+        self._item_idx = items["item_idx"].to_numpy()
+        self._row_of_id = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
+        self._row_of_idx = np.full(int(self._item_idx.max(initial=0)) + 1, -1, dtype=np.int64)
+        self._row_of_idx[self._item_idx] = np.arange(len(items))
+        self._recommender = None
+        self._image_cache: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"ItemIndex({str(self.root)!r}, {self.manifest['factory']!r}, {len(self)} items)"
+
+    # ------------------------------------------------------------------ lookups
+    def rows(self, item_ids: list[str]) -> np.ndarray:
+        """Rows of raw item ids; an unknown id raises :class:`UnknownItemError`."""
+        missing = [i for i in item_ids if i not in self._row_of_id.index]
+        if missing:
+            raise UnknownItemError(
+                f"unknown item id(s) {', '.join(map(str, missing[:5]))} (not in {self.root})"
+            )
+        return self._row_of_id.loc[list(item_ids)].to_numpy()
+
+    def item_idx(self, item_ids: list[str]) -> np.ndarray:
+        """The project's item indices of raw item ids."""
+        return self._item_idx[self.rows(item_ids)]
+
+    def embedding(self, item_id: str) -> np.ndarray:
+        """The ``(D,)`` exported embedding of one item."""
+        return self.embeddings[self.rows([item_id])[0]]
+
+    def _hit(self, item_idx: int, score: float) -> Hit:
+        row = self.items.iloc[self._row_of_idx[item_idx]]
+        return Hit(
+            item_id=str(row["item_id"]),
+            item_idx=int(item_idx),
+            score=float(score),
+            title=str(row["title"]),
+            image=row["image_path"] if isinstance(row["image_path"], str) else None,
+            is_cold=bool(row["is_cold"]),
+        )
+
+    def describe(self, item_id: str) -> Hit:
+        """The query item as a :class:`Hit` with score 1 (its similarity to itself)."""
+        return self._hit(int(self.item_idx([item_id])[0]), 1.0)
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw index search: ``(scores, item_idx)``, each ``(B, k)``; -1 where fewer than k were found."""
+        return search(self.index, queries, k)
+
+    def search_vector(self, query: np.ndarray, k: int = 10, exclude_idx: set[int] | None = None) -> list[Hit]:
+        """The top-k items for one ``(D,)`` unit-norm query, leaving out the item indices ``exclude_idx``."""
+        exclude_idx = exclude_idx or set()
+        fetch = min(len(self), k + len(exclude_idx))
+        scores, found = self.search(query, fetch)
+        hits = [
+            self._hit(int(i), float(s))
+            for s, i in zip(scores[0], found[0], strict=True)
+            if i >= 0 and int(i) not in exclude_idx
+        ]
+        return hits[:k]
+
+    def similar_items(
+        self, item_id: str, k: int = 10, exclude: list[str] | tuple[str, ...] = ()
+    ) -> list[Hit]:
+        """Items most similar to ``item_id`` (never the item itself), best first.
+
+        Args:
+            item_id: the raw id of the query item.
+            k: items to return.
+            exclude: raw ids to leave out as well.
+        """
+        query = self.embedding(item_id)
+        excluded = set(self.item_idx([item_id, *exclude]).tolist())
+        return self.search_vector(query, k, excluded)
+
+    def recommend(
+        self,
+        history: list[str],
+        k: int = 10,
+        exclude: list[str] | tuple[str, ...] = (),
+        exclude_history: bool = True,
+    ) -> list[Hit]:
+        """Items for a user with this purchase ``history`` (oldest first), each with ``because``.
+
+        The user tower of the exported checkpoint turns the history's exported embeddings into the query.
+
+        Args:
+            history: raw item ids, oldest first.
+            k: items to return.
+            exclude: raw ids to leave out.
+            exclude_history: leave out the history items too (repurchases are allowed when False).
+        """
+        return self.recommender().recommend(history, k, exclude, exclude_history)
+
+    def recommender(self, ckpt_path: str | Path | None = None):
+        """The :class:`~towerrec.retrieval.recommend.Recommender` of this export, loaded once.
+
+        Args:
+            ckpt_path: the checkpoint, when it moved since export (its sha256 must still match).
+        """
+        if self._recommender is None or ckpt_path is not None:
+            from towerrec.retrieval.recommend import Recommender
+
+            self._recommender = Recommender(self, ckpt_path)
+        return self._recommender
+
+    # ------------------------------------------------------------------ images
+    def image(self, item_id: str) -> np.ndarray | None:
+        """The item's image as ``(H, W, 3)`` uint8: its image file, else its row of the image cache."""
+        row = self.items.iloc[self.rows([item_id])[0]]
+        if not row["has_image"]:
+            return None
+        path = row["image_path"]
+        if isinstance(path, str) and Path(path).is_file():
+            from PIL import Image
+
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"))
+        cache = self.manifest.get("image_cache")
+        if cache and Path(cache).is_file():
+            if self._image_cache is None:
+                self._image_cache = np.load(cache, mmap_mode="r")
+            if row["item_idx"] < len(self._image_cache):
+                return np.asarray(self._image_cache[row["item_idx"]])
+        return None
+
+
+def _fail(root: Path, what: str) -> ExportError:
+    return ExportError(f"{root}: {what}; re-run towerrec-export")
+
+
+def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) -> ItemIndex:
+    """Load an export folder written by ``towerrec-export``.
+
+    Args:
+        path: the export folder.
+        verify: check every file's sha256 against the manifest before reading it. Sizes, dimension,
+            counts and metric are checked either way.
+        gpu: search on a GPU: ``auto`` when FAISS sees one and supports the index type, ``true`` asks
+            for one (falling back to CPU with a log line), ``false`` never.
+
+    Raises:
+        ExportError: with a one-line reason, for a missing, edited, mismatched or foreign folder.
+    """
+    root = Path(path)
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ExportError(f"{root}: no {MANIFEST_FILE} (not an export folder written by towerrec-export)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise _fail(root, f"{MANIFEST_FILE} is not valid JSON ({err})") from err
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise _fail(root, f"{MANIFEST_FILE} lacks {', '.join(missing)}")
+    if manifest["format"] != FORMAT:
+        raise _fail(root, f"format {manifest['format']!r}, this towerrec reads {FORMAT!r}")
+    if verify and manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise _fail(root, f"{MANIFEST_FILE} was edited after export (its manifest_sha256 does not match)")
+    if manifest["metric"] != METRIC_NAME:
+        raise _fail(root, f"metric {manifest['metric']!r}, expected {METRIC_NAME!r}")
+    for name in (INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE):
+        if name not in manifest["files"]:
+            raise _fail(root, f"{MANIFEST_FILE} lists no checksum for {name}")
+        file = root / name
+        if not file.is_file():
+            raise _fail(root, f"{name} is missing")
+        expected = manifest["files"][name]
+        if file.stat().st_size != expected["bytes"]:
+            raise _fail(
+                root, f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
+            )
+        if verify and file_sha256(file) != expected["sha256"]:
+            raise _fail(root, f"{name} sha256 does not match the manifest (file changed after export)")
+
+    dim, count = int(manifest["dim"]), int(manifest["count"])
+    index = faiss.read_index(str(root / INDEX_FILE))
+    items = pd.read_parquet(root / ITEMS_FILE)
+    embeddings = np.load(root / EMBEDDINGS_FILE)
+    checks = [
+        (index.d == dim, f"index dimension {index.d} != manifest dim {dim}"),
+        (index.ntotal == count, f"index holds {index.ntotal} vectors, manifest count is {count}"),
+        (index.metric_type == METRIC, f"index metric {index.metric_type} is not inner product"),
+        (len(items) == count, f"{ITEMS_FILE} has {len(items)} rows, manifest count is {count}"),
+        (embeddings.shape == (count, dim), f"{EMBEDDINGS_FILE} shape {embeddings.shape} != ({count}, {dim})"),
+        (items["item_id"].is_unique, f"{ITEMS_FILE} has repeated item ids"),
+        (items["item_idx"].is_unique, f"{ITEMS_FILE} has repeated item_idx"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise _fail(root, what)
+    search_params = manifest["index"]["spec"].get("search_params") or {}
+    device, reason = select_faiss_device(gpu, faiss.get_num_gpus(), manifest["factory"])
+    if device == "gpu":
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    elif str(gpu).lower() not in ("false", "0", "no", "off", "cpu", "none"):
+        log.info("%s", reason)
+    set_params(index, search_params)
+    log.info("loaded %s: %s, %d items, searching on %s", root, manifest["factory"], count, device)
+    return ItemIndex(root, manifest, index, items, embeddings)

@@ -1,0 +1,130 @@
+import pytest
+import torch
+import torchvision
+from functools import partial
+
+from towerrec.data.datamodule import ItemFeatures
+from towerrec.models.components.content_encoder import ContentEncoder
+from towerrec.models.components.fusion import ConcatMLPFusion, GatedSumFusion
+from towerrec.models.components.id_embedding import IdEmbedding
+from towerrec.models.components.image_encoder import SmallCNN, TorchvisionEncoder
+from towerrec.models.components.item_tower import ItemTower
+from towerrec.models.components.sequence_encoders import CausalTransformerEncoder, GRUEncoder, MeanPoolEncoder
+
+N, D = 12, 8
+
+
+def features(n: int = N, size: int = 16) -> ItemFeatures:
+    g = torch.Generator().manual_seed(0)
+    cold = torch.zeros(n + 1, dtype=torch.bool)
+    cold[0] = cold[-3:] = True
+    return ItemFeatures(
+        images=torch.randint(0, 256, (n + 1, size, size, 3), dtype=torch.uint8, generator=g),
+        has_image=torch.ones(n + 1, dtype=torch.bool),
+        categorical=torch.randint(0, 4, (n + 1, 2), generator=g),
+        text=torch.randint(0, 10, (n + 1, 5), generator=g),
+        is_cold=cold,
+        train_count=torch.ones(n + 1, dtype=torch.long),
+        train_users=torch.ones(n + 1, dtype=torch.long),
+        cardinalities=[4, 4],
+        text_buckets=10,
+    )
+
+
+def tower(id_p: float = 0.0, image=True, content=True, ids=True, trainable=True) -> ItemTower:
+    t = ItemTower(
+        dim=D,
+        fusion=partial(ConcatMLPFusion, hidden=16),
+        id_encoder=IdEmbedding(N, D, dropout_p=id_p) if ids else None,
+        image_encoder=SmallCNN(D, channels=4, trainable=trainable) if image else None,
+        content_encoder=ContentEncoder([4, 4], 10, D) if content else None,
+    )
+    t.attach_features(features())
+    return t
+
+
+@pytest.mark.parametrize("enc", [CausalTransformerEncoder(D, 1, 2, max_len=6, dropout=0.0), GRUEncoder(D), MeanPoolEncoder(D)])
+def test_sequence_encoders_are_causal_and_shaped(enc):
+    enc.eval()
+    x = torch.randn(3, 6, D)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, :2] = True  # left padding
+    out = enc(x, pad)
+    assert out.shape == (3, 6, D)
+    assert torch.isfinite(out).all()
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(3, 2, D)  # change the future
+    out2 = enc(x2, pad)
+    real = ~pad[:, :4]  # outputs at padded slots are never read
+    assert torch.allclose(out[:, :4][real], out2[:, :4][real], atol=1e-5)
+    assert not torch.allclose(out[:, 4:], out2[:, 4:])
+
+
+def test_transformer_ignores_padding_content():
+    enc = CausalTransformerEncoder(D, 2, 2, max_len=6, dropout=0.0).eval()
+    x = torch.randn(1, 6, D)
+    pad = torch.tensor([[True, True, False, False, False, False]])
+    x2 = x.clone()
+    x2[0, :2] = 100.0  # whatever sits in padded slots must not matter
+    assert torch.allclose(enc(x, pad)[:, 2:], enc(x2, pad)[:, 2:], atol=1e-5)
+
+
+def test_item_tower_is_normalised_and_cold_items_never_use_their_id():
+    t = tower(id_p=0.0).eval()
+    idx = torch.tensor([[1, 2], [N, N - 1]])
+    out = t(idx)
+    assert out.shape == (2, 2, D)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(2, 2), atol=1e-5)
+    # Changing a cold item's ID row changes nothing; changing a warm item's row does.
+    before = t(torch.tensor([N, 1]))
+    with torch.no_grad():
+        t.id_encoder.embedding.weight[N] += 5.0
+        t.id_encoder.embedding.weight[1] += 5.0
+    after = t(torch.tensor([N, 1]))
+    assert torch.allclose(before[0], after[0], atol=1e-6)
+    assert not torch.allclose(before[1], after[1], atol=1e-3)
+
+
+def test_id_dropout_replaces_ids_only_while_training():
+    emb = IdEmbedding(N, D, dropout_p=1.0)
+    warm = torch.ones(5, dtype=torch.bool)
+    idx = torch.arange(1, 6)
+    emb.train()
+    assert torch.equal(emb(idx, warm), emb.unknown.expand(5, D))
+    emb.eval()
+    assert torch.equal(emb(idx, warm), emb.embedding(idx))
+
+
+def test_frozen_image_encoder_caches_features_and_gets_no_gradient():
+    t = tower(image=True, content=False, ids=False, trainable=False).train()
+    out = t(torch.tensor([1, 2, 3]))
+    assert t.image_cache is not None and t.image_cache.shape[0] == N + 1
+    out.sum().backward()
+    assert all(p.grad is None for p in t.image_encoder.backbone.parameters())
+    assert t.image_encoder.head.weight.grad is not None
+    cache = t.image_cache
+    t(torch.tensor([4]))
+    assert t.image_cache is cache  # computed once, not per step
+
+
+def test_ablations_are_config_only():
+    for kw in ({"ids": False}, {"image": False}, {"content": False}, {"ids": False, "content": False}):
+        assert tower(**kw)(torch.tensor([1, 2])).shape == (2, D)
+    with pytest.raises(ValueError, match="at least one"):
+        ItemTower(D, partial(ConcatMLPFusion))
+
+
+def test_gated_fusion_shapes():
+    f = GatedSumFusion(in_dim=D, n_inputs=3, out_dim=D)
+    assert f([torch.randn(4, D) for _ in range(3)]).shape == (4, D)
+
+
+def test_torchvision_backbone_loads_local_weights(tmp_path):
+    ref = torchvision.models.get_model("mobilenet_v3_small", weights=None)
+    path = tmp_path / "mnv3.pth"
+    torch.save(ref.state_dict(), path)
+    enc = TorchvisionEncoder("mobilenet_v3_small", out_dim=D, weights_path=str(path), trainable=False)
+    first = next(iter(enc.backbone.parameters()))
+    assert torch.equal(first, next(iter(ref.parameters())))
+    out = enc(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8))
+    assert out.shape == (2, D)

@@ -1,0 +1,167 @@
+"""Export -> load -> query round trips on a tiny trained checkpoint, and refusal of tampered exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import INDEX_CONFIGS
+
+from towerrec.checkpoint import load_trained
+from towerrec.retrieval import ExportError, UnknownItemError, load_export
+from towerrec.retrieval.export import manifest_digest
+
+
+@pytest.mark.parametrize("name", INDEX_CONFIGS)
+def test_round_trip(exports, name):
+    index = load_export(exports[name])
+    m = index.manifest
+    assert m["metric"] == "inner_product" and m["factory"].startswith("IDMap2,")
+    assert m["count"] == len(index) == index.index.ntotal == 150
+    assert m["dim"] == 16 and index.embeddings.shape == (150, 16)
+    assert np.allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, atol=1e-4)
+    assert set(m["files"]) == {"index.faiss", "item_ids.parquet", "item_embeddings.npy"}
+    assert m["recall"]["item_queries"] == 150 and m["recall"]["recall_item"] >= 0.9
+    assert set(m["versions"]) >= {"faiss", "torch", "towerrec"}
+    assert m["build_seconds"] >= 0 and m["checkpoint"]["sha256"]
+
+    query = index.items["item_id"].iloc[0]
+    hits = index.similar_items(query, k=5)
+    assert len(hits) == 5 and query not in [h.item_id for h in hits]
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # The index answers as the exported embeddings do: scores are their inner products.
+    for h in hits:
+        assert h.score == pytest.approx(float(index.embedding(h.item_id) @ index.embedding(query)), abs=0.05)
+
+
+def test_export_holds_every_item_and_cold_items_skip_their_id_embedding(exports, tiny_ckpt):
+    index = load_export(exports["flat"])
+    model, dm, _ = load_trained(tiny_ckpt)
+    items = index.items
+    assert items["item_id"].tolist() == dm.items.sort_values("item_idx")["item_id"].astype(str).tolist()
+    assert items["is_cold"].sum() == dm.items["is_cold"].sum() > 0  # never-bought items are in
+    assert np.allclose(index.embeddings, model.item_tower.embed_all()[1:].numpy(), atol=1e-5)
+
+    cold = torch.from_numpy(np.r_[False, items["is_cold"].to_numpy()])
+    with torch.no_grad():
+        model.item_tower.id_encoder.embedding.weight[cold] += 10.0
+    again = model.item_tower.embed_all()[1:].numpy()
+    assert np.allclose(again[cold[1:].numpy()], index.embeddings[items["is_cold"].to_numpy()], atol=1e-5)
+
+
+def test_similar_items_exclude(exports):
+    index = load_export(exports["hnsw"])
+    query = index.items["item_id"].iloc[3]
+    first = [h.item_id for h in index.similar_items(query, k=4)]
+    again = [h.item_id for h in index.similar_items(query, k=4, exclude=first[:2])]
+    assert query not in again and not set(first[:2]) & set(again)
+    assert again[:2] == first[2:]
+    with pytest.raises(UnknownItemError, match="nope"):
+        index.similar_items("nope")
+
+
+def test_recommend_explains_with_history(exports):
+    index = load_export(exports["hnsw"])
+    history = index.items["item_id"].iloc[[5, 17, 40]].tolist()
+    hits = index.recommend(history, k=6)
+    assert len(hits) == 6 and not set(history) & {h.item_id for h in hits}
+    for h in hits:
+        sims = [float(index.embedding(h.item_id) @ index.embedding(i)) for i in history]
+        assert h.because == history[int(np.argmax(sims))]
+        assert h.because_score == pytest.approx(max(sims), abs=1e-5)
+        assert h.to_dict()["because"] == h.because
+    kept = index.recommend(history, k=150, exclude_history=False)
+    assert set(history) <= {h.item_id for h in kept}
+    with pytest.raises(ValueError, match="empty"):
+        index.recommend([], k=3)
+
+
+def test_recommend_refuses_a_changed_checkpoint(exports, tmp_path):
+    root = tmp_path / "moved"
+    shutil.copytree(exports["flat"], root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["checkpoint"]["sha256"] = "0" * 64
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    index = load_export(root)
+    with pytest.raises(ExportError, match="sha256 mismatch"):
+        index.recommend(index.items["item_id"].iloc[:2].tolist())
+
+
+def _copy(exports, tmp_path, name="flat"):
+    root = tmp_path / name
+    shutil.copytree(exports[name], root)
+    return root
+
+
+def _rewrite_manifest(root, change, reseal=True):
+    manifest = json.loads((root / "manifest.json").read_text())
+    change(manifest)
+    if reseal:
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_edited_manifest_is_refused(exports, tmp_path):
+    root = _copy(exports, tmp_path)
+    _rewrite_manifest(root, lambda m: m.update(count=149), reseal=False)
+    with pytest.raises(ExportError, match="edited after export") as err:
+        load_export(root)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(dim=32), "dimension"),
+        (lambda m: m.update(count=149), "149"),
+        (lambda m: m.update(metric="l2"), "metric"),
+        (lambda m: m["files"]["index.faiss"].update(sha256="0" * 64), "index.faiss sha256"),
+        (lambda m: m.pop("factory"), "lacks factory"),
+    ],
+)
+def test_mismatched_manifest_is_refused(exports, tmp_path, change, message):
+    root = _copy(exports, tmp_path)
+    _rewrite_manifest(root, change)
+    with pytest.raises(ExportError, match=message):
+        load_export(root)
+
+
+def test_tampered_files_are_refused(exports, tmp_path):
+    root = _copy(exports, tmp_path)
+    emb = np.load(root / "item_embeddings.npy")
+    emb[0] *= -1
+    np.save(root / "item_embeddings.npy", emb)
+    with pytest.raises(ExportError, match="item_embeddings.npy sha256"):
+        load_export(root)
+
+    root = _copy(exports, tmp_path / "b")
+    items = pd.read_parquet(root / "item_ids.parquet")
+    items.loc[0, "title"] = "x" * len(items.loc[0, "title"])
+    items.to_parquet(root / "item_ids.parquet", index=False)
+    with pytest.raises(ExportError, match="item_ids.parquet"):
+        load_export(root)
+
+    root = _copy(exports, tmp_path / "c")
+    (root / "index.faiss").unlink()
+    with pytest.raises(ExportError, match="index.faiss is missing"):
+        load_export(root)
+    with pytest.raises(ExportError, match="no manifest.json"):
+        load_export(tmp_path / "nowhere")
+
+
+def test_export_does_not_overwrite_unless_asked(exports, tiny_ckpt):
+    from conftest import index_spec
+
+    from towerrec.retrieval import export_index
+
+    before = (exports["flat"] / "manifest.json").read_text()
+    with pytest.raises(ExportError, match="already exists"):
+        export_index(tiny_ckpt, index_spec("flat"), exports["flat"])
+    assert (exports["flat"] / "manifest.json").read_text() == before
+    leftovers = [p.name for p in exports["flat"].parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # no temporary folders left behind
