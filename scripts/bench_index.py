@@ -46,13 +46,20 @@ def load_spec(name: str) -> IndexSpec:
 
 
 def time_queries(search_one, queries: np.ndarray, n_single: int, repeat: int) -> tuple[float, float]:
-    """(single-query QPS, batched QPS), best of ``repeat`` runs each."""
+    """(single-query QPS, batched QPS), best of ``repeat`` runs each.
+
+    Single queries run on one OpenMP thread: for one query FAISS's thread start-up costs more than it
+    saves, and on a busy machine it makes timings swing by 10x. Batches use every thread.
+    """
     single, batched = [], []
+    threads = faiss.omp_get_max_threads()
     for _ in range(repeat):
+        faiss.omp_set_num_threads(1)
         t = time.perf_counter()
         for i in range(n_single):
             search_one(queries[i : i + 1])
         single.append(n_single / (time.perf_counter() - t))
+        faiss.omp_set_num_threads(threads)
         t = time.perf_counter()
         search_one(queries)
         batched.append(len(queries) / (time.perf_counter() - t))

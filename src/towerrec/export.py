@@ -31,6 +31,7 @@ def _main(cfg: DictConfig) -> None:
             seed=cfg.seed,
             overwrite=cfg.overwrite,
             config=OmegaConf.to_container(cfg, resolve=True),
+            warn_below=cfg.recall.warn_below,
         )
     except (ExportError, ValueError) as err:
         log.error("%s", err)

@@ -280,7 +280,9 @@ def test_table_with_items(tmp_path, fmt):
     assert list(it.index) == ["A", "B", "C", "D"]  # never-bought D stays in the catalog
     assert it.loc["B", "colour"] == "" and it.loc["C", "title"] == ""
     assert it.loc["A", "image_path"] == str((tmp_path / "pics" / "a.png").resolve())
-    assert it.loc["B", "image_path"] is None and it.loc["C", "image_path"] is None
+    # a named but missing file keeps its path: the image cache counts it as missing_file
+    assert it.loc["B", "image_path"] == str((tmp_path / "pics" / "missing.png").resolve())
+    assert it.loc["C", "image_path"] is None
     assert data.categorical == ["colour"] and data.text == ["title"]
     assert str((tmp_path / "pics").resolve()) in data.sources
 

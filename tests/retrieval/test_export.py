@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import INDEX_CONFIGS
 
 from towerrec.checkpoint import load_trained
-from towerrec.retrieval import ExportError, UnknownItemError, load_export
+from towerrec.retrieval import ExportError, UnknownItemError, export_index, load_export
 from towerrec.retrieval.export import manifest_digest
+
+from .conftest import INDEX_CONFIGS, index_spec
 
 
 @pytest.mark.parametrize("name", INDEX_CONFIGS)
@@ -155,10 +156,6 @@ def test_tampered_files_are_refused(exports, tmp_path):
 
 
 def test_export_does_not_overwrite_unless_asked(exports, tiny_ckpt):
-    from conftest import index_spec
-
-    from towerrec.retrieval import export_index
-
     before = (exports["flat"] / "manifest.json").read_text()
     with pytest.raises(ExportError, match="already exists"):
         export_index(tiny_ckpt, index_spec("flat"), exports["flat"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
-from conftest import INDEX_CONFIGS, index_spec
 
 from towerrec.retrieval.index import (
     IndexSpec,
@@ -16,6 +15,8 @@ from towerrec.retrieval.index import (
     search,
     select_faiss_device,
 )
+
+from .conftest import INDEX_CONFIGS, index_spec
 
 
 def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:

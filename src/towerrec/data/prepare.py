@@ -229,7 +229,8 @@ def prepare(data_cfg: DictConfig, force: bool = False, workers: int = 2) -> Path
         return out
     t0 = time.perf_counter()
     inputs = inputs_fingerprint(data_cfg.root)
-    raw: RawDataset = instantiate(data_cfg.source)
+    # Build a partial and call it, so a DataError reaches the user as itself, not wrapped by Hydra.
+    raw: RawDataset = instantiate(data_cfg.source, _partial_=True)()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

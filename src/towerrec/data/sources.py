@@ -533,10 +533,10 @@ def load_table(
         images = {}
         for item_id, name in zip(meta["item_id"], meta["image"], strict=True):
             if isinstance(name, str) and name.strip():
-                path = (image_root / name).resolve()
-                if path.is_file():
-                    images[item_id] = str(path)
-        log.info("%s: %d of %d item image(s) found", items, len(images), len(meta))
+                # Kept even when the file is missing: the image cache counts it as missing_file.
+                images[item_id] = str((image_root / name).resolve())
+        found = sum(Path(p).is_file() for p in images.values())
+        log.info("%s: %d of %d item image file(s) found", items, found, len(meta))
     else:
         images = _scan_images(image_root) if image_dir is not None else {}
     if image_dir is not None and image_root.is_dir():

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import random
+
 import lightning as L
+import numpy as np
+import torch
 
 
-class EpochSeed(L.Callback):
-    """Reseed every random generator at the start of each training epoch from ``(seed, epoch)``.
+class StepSeed(L.Callback):
+    """Reseed the random generators before each training step from ``(seed, global_step)``.
 
-    Shuffling, dropout, ID dropout and uniform negatives then depend only on the epoch, so a run
-    resumed from a checkpoint at an epoch boundary repeats the uninterrupted run exactly.
+    Dropout, ID dropout and uniform negatives then depend only on the step, so a run resumed
+    from a checkpoint repeats the uninterrupted run exactly (the batch order is seeded by epoch
+    in the DataModule's sampler).
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        L.seed_everything(self.seed * 1000 + trainer.current_epoch, workers=True, verbose=False)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        s = (self.seed * 1_000_003 + trainer.global_step) % (2**32)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)

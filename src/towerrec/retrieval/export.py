@@ -108,6 +108,7 @@ def export_index(
     seed: int = 0,
     overwrite: bool = False,
     config: dict | None = None,
+    warn_below: float = 0.9,
 ) -> Path:
     """Embed the catalogue with ``ckpt_path``, build ``spec`` and write the export folder.
 
@@ -122,6 +123,7 @@ def export_index(
         seed: the query-sample seed.
         overwrite: replace an existing ``out_dir``.
         config: the resolved run config, recorded in the manifest.
+        warn_below: log a warning when the recall check comes out below this.
 
     Returns:
         The export folder.
@@ -174,6 +176,13 @@ def export_index(
     log.info(
         "recall@%d vs exact: users %s, items %.4f", recall_k, recall["recall_user"], recall["recall_item"]
     )
+    worst = min(r for r in (recall["recall_user"], recall["recall_item"]) if r is not None)
+    if worst < warn_below:
+        log.warning(
+            "recall@%d against exact search is %.3f (< %.2f): raise efSearch / nprobe in configs/index/%s.yaml, "
+            "or use index=flat (exact) for a catalogue this size",
+            recall_k, worst, warn_below, spec.name,
+        )  # fmt: skip
 
     image_cache = Path(dm.processed_dir).resolve() / "images.npy"
     model_cfg = train_cfg.model

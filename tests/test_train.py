@@ -1,0 +1,123 @@
+"""towerrec-train end to end on tiny configs: every experiment, resume, DDP, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import HAS_HM, HM_ROOT, TINY_DATA, TINY_TRAIN, compose_cfg
+from towerrec import CONFIG_DIR
+from towerrec.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+def _write_ml100k(root: Path) -> None:
+    """A tiny MovieLens-100K folder: 30 users x 8 ratings over 20 movies."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [f"{u}\t{(u * 7 + j * 3) % 20 + 1}\t{3 + j % 3}\t{880000000 + u * 1000 + j}" for u in range(1, 31) for j in range(8)]
+    (root / "u.data").write_text("\n".join(rows) + "\n")
+    genres = ["0"] * 19
+    items = [f"{i}|Movie {i} (199{i % 10})|01-Jan-1995||http://x|" + "|".join(genres[: i % 19] + ["1"] + genres[i % 19 + 1 :]) for i in range(1, 21)]
+    (root / "u.item").write_text("\n".join(items) + "\n", encoding="latin-1")
+
+
+def _experiment_overrides(name: str, tmp_path: Path) -> list[str]:
+    if name.startswith("hm"):
+        if not HAS_HM:
+            pytest.skip(f"H&M sample not found at {HM_ROOT}")
+        # The real H&M data, shrunk images so two batches stay fast on a CPU.
+        return [f"data.root={HM_ROOT}", f"data.processed_dir={tmp_path}/hm", "data.image_size=16"]
+    if name == "movielens":
+        _write_ml100k(tmp_path / "ml")
+        return [f"data.root={tmp_path}/ml", f"data.processed_dir={tmp_path}/ml_proc", "data.filter.min_user_interactions=3"]
+    return [*TINY_DATA, f"data.processed_dir={tmp_path}/syn"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_trains_a_batch_or_two(name, tmp_path):
+    overrides = [f"experiment={name}", *_experiment_overrides(name, tmp_path), *TINY_TRAIN]
+    if name in ("hm_id_only",):
+        overrides.remove("model.item_tower.image_encoder.channels=4")
+    if name in ("hm_content_only", "movielens"):
+        overrides.remove("model.item_tower.image_encoder.channels=4")
+    metrics = train(compose_cfg("train", overrides, tmp_path / "run"))
+    test = metrics["test"]
+    for key in ("all", "warm_items", "cold_items"):
+        assert key in test
+    assert 0.0 <= test["all"]["recall@20"] <= 1.0
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(saved["test"]["all"]) >= {"recall@20", "ndcg@20"}
+    assert saved["best_checkpoint"] and Path(saved["best_checkpoint"]).is_file()
+
+
+def test_metrics_json_shape_and_best_checkpoint_chosen_on_validation(tiny_train_cfg, tmp_path):
+    cfg = tiny_train_cfg("trainer.max_epochs=2")
+    metrics = train(cfg)
+    assert set(metrics["test"]) >= {"all", "warm_items", "cold_items"}
+    assert any(k.startswith("history=") for k in metrics["test"])
+    assert any(k.startswith("lifecycle=") for k in metrics["test"])
+    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    monitor = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")][0]
+    assert monitor["monitor"] == "val/ndcg@20"
+    assert ckpt["towerrec_config"]["model"]["meta"]["num_items"] == 120
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_processed_dir, tmp_path):
+    base = [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *TINY_TRAIN, "callbacks.early_stopping.patience=99"]
+    full = train(compose_cfg("train", [*base, "trainer.max_epochs=3"], tmp_path / "full"))
+    train(compose_cfg("train", [*base, "trainer.max_epochs=1"], tmp_path / "part"))
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    # Resume into the same run folder, as after a crash: checkpoint tracking carries on there.
+    resumed = train(compose_cfg("train", [*base, "trainer.max_epochs=3", f"ckpt_path={last}"], tmp_path / "part"))
+    for sl in ("all", "warm_items"):
+        for key in ("recall@20", "ndcg@20"):
+            assert resumed["test"][sl][key] == pytest.approx(full["test"][sl][key], abs=1e-6)
+    assert resumed["val"] == pytest.approx(full["val"])
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    exe = Path(sys.executable).with_name("towerrec-train")
+    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tiny_processed_dir, tmp_path):
+    args = [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *TINY_TRAIN, f"paths.output_dir={tmp_path}",
+            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test"]["all"]["users"] > 0
+
+
+@pytest.mark.slow
+def test_multirun_sweep_and_aggregate(tiny_processed_dir, tmp_path):
+    args = ["-m", "model.loss.temperature=0.05,0.1", *TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *TINY_TRAIN,
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(runs) == 2
+    agg = subprocess.run([sys.executable, str(Path(CONFIG_DIR).parent / "scripts" / "aggregate_runs.py"), str(tmp_path / "sweep")],
+                         capture_output=True, text=True)
+    assert agg.returncode == 0, agg.stderr
+    assert "model.loss.temperature=0.05" in agg.stdout and "model.loss.temperature=0.1" in agg.stdout
+    assert (tmp_path / "sweep" / "summary.csv").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_maximises_validation_ndcg(tiny_processed_dir, tmp_path):
+    args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", *TINY_DATA,
+            f"data.processed_dir={tiny_processed_dir}", *TINY_TRAIN, f"hydra.sweep.dir={tmp_path}/optuna"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = (tmp_path / "optuna" / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "maximize" in (Path(CONFIG_DIR) / "hparams_search" / "optuna.yaml").read_text()
