@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import HAS_HM, HM_ROOT, TINY_DATA, TINY_TRAIN, compose_cfg
+
 from towerrec import CONFIG_DIR
 from towerrec.train import train
 

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import HM_ROOT, TINY_DATA, compose_cfg, needs_hm
+
 from towerrec.data.datamodule import SequenceDataModule, train_windows
 from towerrec.data.prepare import is_up_to_date, prepare
 from towerrec.data.schema import DataError

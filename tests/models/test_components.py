@@ -1,7 +1,8 @@
+from functools import partial
+
 import pytest
 import torch
 import torchvision
-from functools import partial
 
 from towerrec.data.datamodule import ItemFeatures
 from towerrec.models.components.content_encoder import ContentEncoder

@@ -1,0 +1,131 @@
+"""towerrec-reproduce on tiny synthetic data: 2 experiments x 2 seeds and 2 baselines, one table."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
+
+from towerrec import PROJECT_ROOT
+from towerrec.reproduce import format_reproduce_table, load_results, mean_std, reproduce
+
+EXPERIMENTS = ["synthetic_fusion", "synthetic_no_image"]
+BASELINES = ["popularity", "repurchase"]
+SEEDS = [0, 1]
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """Reproduce-config overrides: the tiny runs above, data processed under ``root``."""
+    train = [*TINY_DATA, f"data.processed_dir={root / 'data'}", *TINY_TRAIN]
+    quoted = ",".join(f'"{o}"' for o in train)  # list items holding "=" must be quoted
+    return [
+        f"experiments=[{','.join(EXPERIMENTS)}]",
+        f"seeds=[{','.join(map(str, SEEDS))}]",
+        f"baselines=[{','.join(BASELINES)}]",
+        f"train_overrides=[{quoted}]",
+    ]
+
+
+def reproduce_tiny(root: Path) -> Path:
+    """The tiny reproduction's output folder, ``root/out``; run once, later calls reuse it."""
+    out = root / "out"
+    if not (out / "reproduce.json").is_file():
+        reproduce(compose_cfg("reproduce", tiny_overrides(root), out))
+    return out
+
+
+@pytest.fixture
+def tiny_reproduction(tmp_path_factory) -> Path:
+    return reproduce_tiny(tmp_path_factory.getbasetemp() / "reproduce_tiny")
+
+
+def test_table_has_header_and_a_mean_std_row_per_model(tiny_reproduction):
+    md = (tiny_reproduction / "reproduce.md").read_text()
+    manifest = json.loads((tiny_reproduction.parent / "data" / "manifest.json").read_text())
+    head = subprocess.run(
+        ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    assert manifest["config_hash"] in md
+    if head.returncode == 0:
+        assert head.stdout.strip() in md
+    assert "**wall time**" in md and "**split**: temporal" in md and "**seeds**: 0, 1" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| slice")]
+    for sl in ("all", "warm_items", "cold_items"):
+        for name in EXPERIMENTS:
+            (row,) = [r for r in rows if r.startswith(f"| {sl} | {name} |")]
+            assert row.count("±") >= 3  # recall, NDCG, MRR (coverage only in "all")
+        for name in BASELINES:
+            (row,) = [r for r in rows if r.startswith(f"| {sl} | {name} |")]
+            assert "±" not in row
+    assert len(rows) == 3 * (len(EXPERIMENTS) + len(BASELINES))
+
+
+def test_json_holds_metrics_in_range_and_means_of_the_runs(tiny_reproduction):
+    result = json.loads((tiny_reproduction / "reproduce.json").read_text())
+    assert result["header"]["seeds"] == SEEDS
+    assert result["header"]["git"]["commit"]
+    assert set(result["models"]) == {*EXPERIMENTS, *BASELINES}
+    for name, model in result["models"].items():
+        for sl in ("all", "warm_items", "cold_items"):
+            for metric in ("recall@20", "ndcg@20", "mrr@20"):
+                assert 0.0 <= model["metrics"][sl][metric] <= 1.0, (name, sl, metric)
+        assert 0.0 < model["metrics"]["all"]["coverage@20"] <= 1.0
+    for name in EXPERIMENTS:
+        model = result["models"][name]
+        assert model["kind"] == "trained" and [r["seed"] for r in model["runs"]] == SEEDS
+        runs = [
+            json.loads((tiny_reproduction / r["dir"] / "metrics.json").read_text()) for r in model["runs"]
+        ]
+        recalls = [run["test"]["all"]["recall@20"] for run in runs]
+        assert model["metrics"]["all"]["recall@20"] == pytest.approx(sum(recalls) / 2)
+        assert model["std"]["all"]["recall@20"] == pytest.approx(abs(recalls[0] - recalls[1]) / math.sqrt(2))
+    assert result["models"]["synthetic_no_image"]["overrides"][-1] == "model.item_tower.image_encoder=null"
+    # The baselines ran through towerrec-eval, which wrote its own files.
+    assert (tiny_reproduction / "baselines" / "metrics.md").is_file()
+
+
+def test_load_results_reads_reproduce_eval_and_train_outputs(tiny_reproduction):
+    # A folder of run folders resolves to the newest one holding results.
+    repro = load_results(tiny_reproduction.parent)
+    assert list(dict.fromkeys(repro["model"])) == [*EXPERIMENTS, *BASELINES]
+    assert set(repro["k"]) == {10, 20, 50}
+    assert repro[repro["kind"] == "trained"]["std"].notna().any()
+    assert any(repro["slice"].str.startswith("history="))
+    evaluated = load_results(tiny_reproduction / "baselines")
+    assert set(evaluated["model"]) == set(BASELINES) and set(evaluated["kind"]) == {"baseline"}
+    trained = load_results(tiny_reproduction / "runs" / EXPERIMENTS[0] / "seed0")
+    assert set(trained["model"]) == {"two_tower"} and trained["std"].isna().all()
+
+
+def test_experiments_on_different_data_fail_before_any_training(tmp_path):
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("experiments=")]
+    other_data = (
+        '+variants.other_shop=["experiment=synthetic","data.source.seed=7"]'  # a variant from the CLI
+    )
+    cfg = compose_cfg(
+        "reproduce", [*overrides, other_data, "experiments=[synthetic_fusion,other_shop]"], tmp_path / "out"
+    )
+    with pytest.raises(ValueError, match="share one data config"):
+        reproduce(cfg)
+    cfg = compose_cfg("reproduce", [*overrides, "experiments=[no_such_experiment]"], tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown experiment 'no_such_experiment'"):
+        reproduce(cfg)
+    assert not (tmp_path / "out" / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_mean_std_and_table_cells():
+    mean, std = mean_std([{"all": {"recall@20": 0.2, "users": 10}}, {"all": {"recall@20": 0.4, "users": 10}}])
+    assert mean["all"]["recall@20"] == pytest.approx(0.3)
+    assert std["all"]["recall@20"] == pytest.approx(math.sqrt(0.02))
+    models = {
+        "two_tower": {"metrics": mean, "std": std},
+        "popularity": {"metrics": {"all": {"recall@20": 0.1, "users": 10, "mrr@20": math.nan}}},
+    }
+    table = format_reproduce_table(models, ["all", "cold_items"], k=20).splitlines()
+    assert table[2] == "| all | two_tower | 10 | 0.3000 ± 0.1414 | – | – | – |"
+    assert table[3] == "| all | popularity | 10 | 0.1000 | – | – | – |"
+    assert len(table) == 4  # no cold_items slice in either model
