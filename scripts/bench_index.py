@@ -16,7 +16,6 @@ real item embeddings (``--export``) are easier. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from pathlib import Path
 
@@ -45,25 +44,31 @@ def load_spec(name: str) -> IndexSpec:
     return instantiate(OmegaConf.load(Path(CONFIG_DIR) / "index" / f"{name}.yaml"))
 
 
-def time_queries(search_one, queries: np.ndarray, n_single: int, repeat: int) -> tuple[float, float]:
-    """(single-query QPS, batched QPS), best of ``repeat`` runs each.
+def time_queries(
+    searchers: list, queries: np.ndarray, n_single: int, repeat: int
+) -> list[tuple[float, float]]:
+    """(single-query QPS, batched QPS) of each searcher, best of ``repeat`` runs each.
 
-    Single queries run on one OpenMP thread: for one query FAISS's thread start-up costs more than it
-    saves, and on a busy machine it makes timings swing by 10x. Batches use every thread.
+    The searchers take turns within each run, so a machine that gets busier or quieter part way
+    through slows them alike and the ratios stay fair. Single queries run on one OpenMP thread: for one
+    query FAISS's thread start-up costs more than it saves, and on a busy machine it makes timings
+    swing by 10x. Batches use every thread.
     """
-    single, batched = [], []
+    single = [[] for _ in searchers]
+    batched = [[] for _ in searchers]
     threads = faiss.omp_get_max_threads()
     for _ in range(repeat):
-        faiss.omp_set_num_threads(1)
-        t = time.perf_counter()
-        for i in range(n_single):
-            search_one(queries[i : i + 1])
-        single.append(n_single / (time.perf_counter() - t))
-        faiss.omp_set_num_threads(threads)
-        t = time.perf_counter()
-        search_one(queries)
-        batched.append(len(queries) / (time.perf_counter() - t))
-    return max(single), max(batched)
+        for j, search_one in enumerate(searchers):
+            faiss.omp_set_num_threads(1)
+            t = time.perf_counter()
+            for i in range(n_single):
+                search_one(queries[i : i + 1])
+            single[j].append(n_single / (time.perf_counter() - t))
+            faiss.omp_set_num_threads(threads)
+            t = time.perf_counter()
+            search_one(queries)
+            batched[j].append(len(queries) / (time.perf_counter() - t))
+    return [(max(s), max(b)) for s, b in zip(single, batched, strict=True)]
 
 
 def raw_build(
@@ -91,31 +96,26 @@ def bench_config(name, x, ids, queries, exact, args) -> list[dict]:
     row = {"index": name, "factory": built.factory, "build_s": build_s}
     row["size_mb"] = faiss.serialize_index(index).nbytes / 2**20 if args.size else float("nan")
     row["recall"] = ann_recall(search(index, queries, args.k)[1], exact, args.k)
-    row["qps1"], row["qpsb"] = time_queries(
-        lambda q: search(index, q, args.k), queries, args.single, args.repeat
-    )
-    sweep = []
+    searchers = [lambda q: search(index, q, args.k)]
+    if not args.skip_raw:
+        sample = training_sample(x, spec.train_sample, spec.seed)  # what build_index trains on
+        t = time.perf_counter()
+        raw = raw_build(row["factory"], built.spec, x, ids, sample)
+        row["raw_build_s"] = time.perf_counter() - t
+        row["raw_recall"] = ann_recall(raw.search(queries, args.k)[1], exact, args.k)
+        searchers.append(lambda q: raw.search(q, args.k))
+    timings = time_queries(searchers, queries, args.single, args.repeat)
+    row["qps1"], row["qpsb"] = timings[0]
+    if not args.skip_raw:
+        row["raw_qps1"], row["raw_qpsb"] = timings[1]
+    rows = [row]
     if args.sweep_ef and "HNSW" in built.factory:
         for ef in args.sweep_ef:
             set_params(index, {"efSearch": ef})
             recall = ann_recall(search(index, queries, args.k)[1], exact, args.k)
-            qps1, qpsb = time_queries(lambda q: search(index, q, args.k), queries, args.single, 1)
-            sweep.append({"index": f"{name} efSearch={ef}", "recall": recall, "qps1": qps1, "qpsb": qpsb})
-    index = built = None  # free the memory before the raw build
-    gc.collect()
-
-    if not args.skip_raw:
-        sample = training_sample(x, spec.train_sample, spec.seed)  # what build_index trains on
-        t = time.perf_counter()
-        raw = raw_build(row["factory"], spec.resolve(len(x), x.shape[1]), x, ids, sample)
-        row["raw_build_s"] = time.perf_counter() - t
-        row["raw_recall"] = ann_recall(raw.search(queries, args.k)[1], exact, args.k)
-        row["raw_qps1"], row["raw_qpsb"] = time_queries(
-            lambda q: raw.search(q, args.k), queries, args.single, args.repeat
-        )
-        del raw
-        gc.collect()
-    return [row, *sweep]
+            ((qps1, qpsb),) = time_queries([lambda q: search(index, q, args.k)], queries, args.single, 1)
+            rows.append({"index": f"{name} efSearch={ef}", "recall": recall, "qps1": qps1, "qpsb": qpsb})
+    return rows
 
 
 def bench_loaded_export(path: Path, queries, exact, args) -> dict:
@@ -131,14 +131,12 @@ def bench_loaded_export(path: Path, queries, exact, args) -> dict:
     }
     row["size_mb"] = m["files"]["index.faiss"]["bytes"] / 2**20
     row["recall"] = ann_recall(item_index.search(queries, args.k)[1], exact, args.k)
-    row["qps1"], row["qpsb"] = time_queries(
-        lambda q: item_index.search(q, args.k), queries, args.single, args.repeat
-    )
     raw = faiss.read_index(str(path / "index.faiss"))
     set_params(raw, m["index"]["spec"].get("search_params") or {})
     row["raw_recall"] = ann_recall(raw.search(queries, args.k)[1], exact, args.k)
-    row["raw_qps1"], row["raw_qpsb"] = time_queries(
-        lambda q: raw.search(q, args.k), queries, args.single, args.repeat
+    searchers = [lambda q: item_index.search(q, args.k), lambda q: raw.search(q, args.k)]
+    (row["qps1"], row["qpsb"]), (row["raw_qps1"], row["raw_qpsb"]) = time_queries(
+        searchers, queries, args.single, args.repeat
     )
     return row
 
@@ -174,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--queries", type=int, default=1000, help="queries for recall and batched QPS")
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time")
-    p.add_argument("--repeat", type=int, default=2, help="timing runs; the best is kept")
+    p.add_argument("--repeat", type=int, default=3, help="timing runs; the best is kept")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     p.add_argument("--export", type=Path, help="also bench on this export folder's item embeddings")

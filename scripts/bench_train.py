@@ -15,6 +15,7 @@ progress bar) and a timing hook, split into the training batches and the validat
     python scripts/bench_train.py --configs synthetic --steps 50
     python scripts/bench_train.py --configs hm_fusion --overrides model.dim=32 --skip-epoch
     python scripts/bench_train.py --configs synthetic --overrides trainer=gpu   # CUDA, bf16-mixed
+    python scripts/bench_train.py --threads 2,1      # torch's default intra-op threads vs one
 
 The data is prepared first when its processed folder is missing or stale, as ``towerrec-train``
 does (``--processed-root`` puts it elsewhere). The machine may be shared: every row carries the
@@ -28,6 +29,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -367,6 +369,7 @@ def main() -> None:
                 f"{r['embed_s']:.1f} | {100 * r['val_frac']:.1f}% | {r['fit_s']:.1f} | {r['load']} |"
             )
     print(f"\nload average at end: {load()}")
+    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("processed_dir", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model-path", help="a local sentence-transformers folder (default: the installed package's)")
+    ap.add_argument(
+        "--model-path", help="a local sentence-transformers folder (default: the installed package's)"
+    )
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

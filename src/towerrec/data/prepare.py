@@ -39,7 +39,7 @@ from towerrec.data.schema import DataError, RawDataset
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 SPLITS = ("train", "val", "test")
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -112,7 +112,7 @@ def apply_filters(inter: pd.DataFrame, min_user: int, min_item: int, kcore: bool
 
 
 def assign_split(inter: pd.DataFrame, split_cfg: DictConfig | dict) -> tuple[np.ndarray, dict[str, Any]]:
-    """Label each interaction train/val/test. ``inter`` must be sorted by user, then time.
+    """Label each interaction train/val/test. ``inter`` (``user_idx``, ``timestamp``) must be sorted by user, then time.
 
     * ``temporal``: global cut dates. ``test_start = last day - test_days`` and
       ``val_start = test_start - val_days`` (or given explicitly). Train is strictly before
@@ -133,9 +133,9 @@ def assign_split(inter: pd.DataFrame, split_cfg: DictConfig | dict) -> tuple[np.
         info.update(val_start=str(val_start.date()), test_start=str(test_start.date()),
                     test_days=split_cfg.get("test_days"), val_days=split_cfg.get("val_days"))
     elif method == "leave_one_out":
-        user = inter["user_id"].to_numpy()
-        size = inter.groupby("user_id", sort=False)["item_id"].transform("size").to_numpy()
-        from_end = size - 1 - inter.groupby("user_id", sort=False).cumcount().to_numpy()
+        user = inter["user_idx"].to_numpy()
+        size = inter.groupby("user_idx", sort=False)["user_idx"].transform("size").to_numpy()
+        from_end = size - 1 - inter.groupby("user_idx", sort=False).cumcount().to_numpy()
         eligible = size >= 3
         labels[eligible & (from_end == 0)] = 2
         labels[eligible & (from_end == 1)] = 1
@@ -235,16 +235,14 @@ def prepare(data_cfg: DictConfig, force: bool = False, workers: int = 2) -> Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    inter = raw.interactions.copy()
-    inter["_row"] = np.arange(len(inter))
     inter, n_filtered = apply_filters(
-        inter, data_cfg.filter.min_user_interactions, data_cfg.filter.min_item_interactions, data_cfg.filter.kcore
+        raw.interactions,
+        data_cfg.filter.min_user_interactions,
+        data_cfg.filter.min_item_interactions,
+        data_cfg.filter.kcore,
     )
     if len(inter) == 0:
         raise DataError(f"{data_cfg.root}: no interactions left after validation and filtering")
-    # Stable sort: equal timestamps keep the source row order.
-    inter = inter.sort_values(["user_id", "timestamp", "_row"], kind="mergesort").reset_index(drop=True)
-    labels, split_info = assign_split(inter, data_cfg.split)
 
     # Ids: contiguous from 1 in sorted raw-id order; 0 is padding.
     items = raw.items.reset_index(drop=True)
@@ -252,23 +250,25 @@ def prepare(data_cfg: DictConfig, force: bool = False, workers: int = 2) -> Path
     if missing.any():  # sources add interacted items to the catalog; this guards custom ones
         extra = pd.DataFrame({"item_id": inter.loc[missing, "item_id"].unique()})
         items = pd.concat([items, extra], ignore_index=True)
-    order = np.argsort(items["item_id"].to_numpy(dtype=str), kind="stable")
-    items = items.iloc[order].reset_index(drop=True)
-    images = raw.images[order] if raw.images is not None else None
+    item_order = np.argsort(items["item_id"].to_numpy(dtype=str), kind="stable")
+    items = items.iloc[item_order].reset_index(drop=True)
+    images = raw.images[item_order] if raw.images is not None else None
     items.insert(0, "item_idx", np.arange(1, len(items) + 1, dtype=np.int64))
-    item_map = pd.Series(items["item_idx"].to_numpy(), index=items["item_id"].to_numpy())
-    user_ids = np.sort(inter["user_id"].unique().astype(str))
-    user_map = pd.Series(np.arange(1, len(user_ids) + 1), index=user_ids)
-
-    table = pd.DataFrame({
-        "user_idx": user_map.loc[inter["user_id"].to_numpy()].to_numpy().astype(np.int64),
-        "item_idx": item_map.loc[inter["item_id"].to_numpy()].to_numpy().astype(np.int64),
-        "timestamp": inter["timestamp"].to_numpy(),
-        "split": pd.Categorical.from_codes(labels, categories=list(SPLITS)),
-    })
+    # Map strings to integers once per distinct id (factorize), not once per row.
+    ucode, user_ids = pd.factorize(inter["user_id"], sort=True)
+    user_idx = ucode.astype(np.int64) + 1
+    icode, item_uniq = pd.factorize(inter["item_id"])
+    item_idx = pd.Index(items["item_id"]).get_indexer(item_uniq)[icode].astype(np.int64) + 1
+    user_map = pd.Series(np.arange(1, len(user_ids) + 1), index=np.asarray(user_ids, dtype=object))
+    ts = inter["timestamp"].to_numpy()
+    # lexsort is stable: equal timestamps keep the source row order.
+    order = np.lexsort((ts.view("i8"), user_idx))
+    table = pd.DataFrame({"user_idx": user_idx[order], "item_idx": item_idx[order], "timestamp": ts[order]})
+    labels, split_info = assign_split(table, data_cfg.split)
+    table["split"] = pd.Categorical.from_codes(labels, categories=list(SPLITS))
     for c in ("price", "quantity", "channel"):
         if c in inter:
-            table[c] = inter[c].to_numpy()
+            table[c] = inter[c].to_numpy()[order]
     table.to_parquet(tmp / "interactions.parquet", index=False)
 
     train = table[table["split"] == "train"]
@@ -280,7 +280,8 @@ def prepare(data_cfg: DictConfig, force: bool = False, workers: int = 2) -> Path
 
     cats, vocab = encode_categoricals(items, raw.categorical)
     np.save(tmp / "item_categorical.npy", cats)
-    text = items[raw.text].fillna("").astype(str).agg(" ".join, axis=1) if raw.text else pd.Series([""] * len(items))
+    cols = [items[c].fillna("").astype(str).tolist() for c in raw.text]
+    text = pd.Series([" ".join(parts) for parts in zip(*cols, strict=True)] if cols else [""] * len(items))
     np.save(tmp / "item_text.npy", hash_tokens(text, data_cfg.text.buckets, data_cfg.text.max_tokens))
 
     paths = items["image_path"].tolist() if "image_path" in items else [None] * len(items)

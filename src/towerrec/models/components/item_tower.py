@@ -72,7 +72,8 @@ class ItemTower(nn.Module):
     def _build_image_cache(self, chunk: int = 1024) -> None:
         """Frozen backbone: compute its features once for every item."""
         feats = [self.image_encoder.features(self.images[i : i + chunk]) for i in range(0, len(self.images), chunk)]
-        self.image_cache = torch.cat(feats)
+        # float32 even when built under autocast: evaluation hooks run outside autocast.
+        self.image_cache = torch.cat(feats).float()
 
     def forward(self, idx: Tensor) -> Tensor:
         shape = idx.shape
