@@ -43,7 +43,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from towerrec import CONFIG_DIR
-from towerrec.data.prepare import ensure_prepared
+from towerrec.train import build
 
 CONFIG_OVERRIDES = {"synthetic": ["experiment=synthetic"], "hm_fusion": ["experiment=hm_fusion"]}
 FROZEN = "model.item_tower.image_encoder.trainable=false"
@@ -71,19 +71,6 @@ def compose_train(overrides: list[str], output_dir: Path, processed_root: str | 
         if processed_root:
             cfg.data.processed_dir = str(Path(processed_root) / cfg.data.name)
     return cfg
-
-
-def build(cfg: DictConfig):
-    """DataModule and model, as ``towerrec.train.train`` builds them."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    ensure_prepared(cfg.data, workers=cfg.workers)
-    dm = instantiate(cfg.datamodule)
-    dm.setup()
-    with open_dict(cfg):
-        cfg.model.meta = dm.meta
-    model = instantiate(cfg.model)
-    model.attach_features(dm.item_features)
-    return dm, model
 
 
 def has_image_encoder(cfg: DictConfig) -> bool:

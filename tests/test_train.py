@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_HM, HM_ROOT, TINY_DATA, TINY_TRAIN, compose_cfg
+from conftest import HM_ROOT, TINY_DATA, TINY_TRAIN, compose_cfg, needs_hm
 
 from towerrec import CONFIG_DIR
 from towerrec.train import train
@@ -30,8 +30,6 @@ def _write_ml100k(root: Path) -> None:
 
 def _experiment_overrides(name: str, tmp_path: Path) -> list[str]:
     if name.startswith("hm"):
-        if not HAS_HM:
-            pytest.skip(f"H&M sample not found at {HM_ROOT}")
         # The real H&M data, shrunk images so two batches stay fast on a CPU.
         return [f"data.root={HM_ROOT}", f"data.processed_dir={tmp_path}/hm", "data.image_size=16"]
     if name == "movielens":
@@ -40,7 +38,9 @@ def _experiment_overrides(name: str, tmp_path: Path) -> list[str]:
     return [*TINY_DATA, f"data.processed_dir={tmp_path}/syn"]
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.hm, needs_hm]) if n.startswith("hm") else n for n in EXPERIMENTS]
+)
 def test_every_experiment_trains_a_batch_or_two(name, tmp_path):
     overrides = [f"experiment={name}", *_experiment_overrides(name, tmp_path), *TINY_TRAIN]
     if name in ("hm_id_only",):

@@ -12,14 +12,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec import CONFIG_DIR
+from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
 from towerrec.evaluation.evaluator import format_table
+from towerrec.models.two_tower import TwoTowerModule
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train, test the checkpoint with the best validation NDCG, write ``metrics.json``."""
+def build(cfg: DictConfig) -> tuple[SequenceDataModule, TwoTowerModule]:
+    """Seed, prepare the data if needed, and instantiate the DataModule and the model for it."""
     L.seed_everything(cfg.seed, workers=True)
     ensure_prepared(cfg.data, workers=cfg.workers)  # a no-op when the manifest is current
     dm = instantiate(cfg.datamodule)
@@ -28,6 +30,12 @@ def train(cfg: DictConfig) -> dict:
         cfg.model.meta = dm.meta
     model = instantiate(cfg.model)
     model.attach_features(dm.item_features)
+    return dm, model
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train, test the checkpoint with the best validation NDCG, write ``metrics.json``."""
+    dm, model = build(cfg)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
 
     out = Path(cfg.paths.output_dir)
