@@ -65,9 +65,13 @@ def test_hm_tiny_merge(tmp_path):
     assert items.loc["0100000001", "detail_desc"] == "Soft, cotton"
     assert items.loc["0900000009", "detail_desc"] == ""
     assert items.loc["0100000002", "product_type_name"] == ""  # no metadata: empty, not an error
+    assert items.loc["0100000002", "product_code"] == "100000"  # derived from the article id
+    assert items.loc["0100000001", "product_code"] == "x"  # from articles.csv
+    assert items.loc["0100000002", "product_code_block"] == "10"  # product code // 10,000
+    assert items.loc["0100000001", "product_code_block"] == ""  # not a number
     assert items.loc["0900000009", "image_path"] is None
     assert items.loc["0300000004", "image_path"] == str((tmp_path / "images/030/0300000004.jpg").resolve())
-    assert data.categorical == HM_CATEGORICAL and data.text == HM_TEXT
+    assert data.categorical == [*HM_CATEGORICAL, "product_code_block"] and data.text == HM_TEXT
     assert list(data.users.columns) == ["user_id", "age", "club_member_status", "fashion_news_frequency"]
     assert data.users["age"].isna().tolist() == [False, True]
     assert data.users["club_member_status"].tolist() == ["ACTIVE", ""]

@@ -92,8 +92,30 @@ def test_id_dropout_replaces_ids_only_while_training():
     idx = torch.arange(1, 6)
     emb.train()
     assert torch.equal(emb(idx, warm), emb.unknown.expand(5, D))
+    assert torch.equal(emb(idx, warm, drop=False), emb.embedding(idx))  # the history side of "candidates"
     emb.eval()
     assert torch.equal(emb(idx, warm), emb.embedding(idx))
+
+
+def test_items_below_min_count_use_the_unknown_id():
+    t = ItemTower(dim=D, fusion=partial(ConcatMLPFusion, hidden=16), id_encoder=IdEmbedding(N, D, min_count=2))
+    f = features()
+    f.train_count[1:] = 1
+    f.train_count[2] = 2
+    t.attach_features(f)
+    t.eval()
+    before = t(torch.tensor([1, 2]))
+    with torch.no_grad():
+        t.id_encoder.embedding.weight[1:3] += 5.0
+    after = t(torch.tensor([1, 2]))
+    assert torch.allclose(before[0], after[0], atol=1e-6)  # bought once: its ID row is not used
+    assert not torch.allclose(before[1], after[1], atol=1e-3)  # bought twice: it is
+
+
+def test_untrained_content_values_start_near_zero():
+    enc = ContentEncoder([50], text_buckets=100, out_dim=D, init_std=0.01)
+    assert enc.fields[0].weight[1:].std() < 0.02 and enc.text.weight[1:].std() < 0.02
+    assert not enc.fields[0].weight[0].any() and not enc.text.weight[0].any()  # padding rows
 
 
 def test_frozen_image_encoder_caches_features_and_gets_no_gradient():

@@ -39,7 +39,7 @@ from towerrec.data.schema import DataError, RawDataset
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 3
+PREPARE_VERSION = 4
 SPLITS = ("train", "val", "test")
 _TOKEN = re.compile(r"[a-z0-9]+")
 

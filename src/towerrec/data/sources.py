@@ -38,6 +38,7 @@ from towerrec.data.validate import (
 log = logging.getLogger(__name__)
 
 HM_CATEGORICAL = [
+    "product_code",  # groups the colour variants of one product; derived from article_id where absent
     "product_type_name",
     "product_group_name",
     "graphical_appearance_name",
@@ -50,6 +51,8 @@ HM_CATEGORICAL = [
     "section_name",
     "garment_group_name",
 ]
+# Derived from product_code: its leading digits, a coarse release cohort (codes are issued over time).
+HM_DERIVED = ["product_code_block"]
 HM_TEXT = ["prod_name", "detail_desc"]
 HM_USER_FIELDS = ["club_member_status", "fashion_news_frequency"]
 SAME_DAY_MERGED = "same_day_repeat_merged"
@@ -303,6 +306,12 @@ def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
     known = _ordered_union(articles["item_id"], tx["item_id"])
     image_only = sorted(set(images).difference(known))
     items = _build_items(_ordered_union(known, image_only), articles, HM_CATEGORICAL + HM_TEXT, images)
+    # article_id = product code + 3-digit colour variant, so every item has its product code,
+    # including the purchased articles that articles.csv does not describe.
+    derived = items["item_id"].str[:-3].str.lstrip("0")
+    items["product_code"] = items["product_code"].str.lstrip("0").where(items["product_code"] != "", derived)
+    code = pd.to_numeric(items["product_code"], errors="coerce")
+    items["product_code_block"] = (code // 10_000).astype("Int64").astype("string").fillna("").astype(str)
 
     customers = read_csv_utf8(paths["customers.csv"], dtype=str)
     require_columns(customers, ["customer_id", "age", *HM_USER_FIELDS], "customers.csv")
@@ -326,7 +335,7 @@ def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
         interactions=_finish(tx),
         items=items,
         users=users.reset_index(drop=True),
-        categorical=list(HM_CATEGORICAL),
+        categorical=[*HM_CATEGORICAL, *HM_DERIVED],
         text=list(HM_TEXT),
         skipped=skipped,
         repaired=repaired,

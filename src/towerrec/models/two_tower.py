@@ -29,6 +29,8 @@ class TwoTowerModule(L.LightningModule):
         monitor_k: the k of ``val/ndcg@k``, the checkpoint-selection metric.
         dim: the embedding size (recorded with the hyperparameters).
         meta: the data sizes the components were built for (recorded with the hyperparameters).
+        id_dropout_side: ``"both"`` drops an item's ID for its history and candidate uses alike (one
+            draw per batch); ``"candidates"`` keeps history IDs and drops only on the scored side.
     """
 
     def __init__(
@@ -42,8 +44,12 @@ class TwoTowerModule(L.LightningModule):
         monitor_k: int = 20,
         dim: int | None = None,
         meta: dict | None = None,
+        id_dropout_side: str = "both",
     ) -> None:
         super().__init__()
+        if id_dropout_side not in ("both", "candidates"):
+            raise ValueError(f"id_dropout_side must be 'both' or 'candidates', got {id_dropout_side!r}")
+        self.id_dropout_side = id_dropout_side
         if isinstance(meta, DictConfig):
             meta = OmegaConf.to_container(meta, resolve=True)
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
@@ -92,9 +98,12 @@ class TwoTowerModule(L.LightningModule):
         if m:
             pieces.append(torch.randint(1, n_items + 1, (m,), device=inputs.device))
         uniq, inv = torch.unique(torch.cat(pieces), return_inverse=True)
-        emb = self.item_tower(uniq)  # (C, D)
+        emb = self.item_tower(uniq)  # (C, D), with ID dropout
+        # "candidates": histories keep their IDs (as at serving time, when they are mostly warm) and
+        # only the scored side is dropped, DropoutNet-style; it costs a second item-tower pass.
+        hist_emb = self.item_tower(uniq, drop_ids=False) if self.id_dropout_side == "candidates" else emb
         n = inputs.numel()
-        hist = emb[inv[:n]].view(*inputs.shape, -1)  # (B, L, D)
+        hist = hist_emb[inv[:n]].view(*inputs.shape, -1)  # (B, L, D)
         h = self.user_tower(hist, inputs == 0)  # (B, L, D)
         valid = targets.reshape(-1) != 0
         query = F.normalize(h.reshape(-1, h.shape[-1])[valid], dim=-1)  # (P, D)

@@ -17,21 +17,26 @@ class IdEmbedding(nn.Module):
         num_items: catalog size (ids 1..num_items; 0 is padding).
         dim: output size.
         dropout_p: probability of replacing a warm item's id embedding while training.
+        min_count: training interactions an item needs to use its id at all. Below it the id row
+            would be fitted to one or two purchases; such items go through image and content, like
+            cold items, which also gives that path many more training examples.
     """
 
-    def __init__(self, num_items: int, dim: int, dropout_p: float = 0.3) -> None:
+    def __init__(self, num_items: int, dim: int, dropout_p: float = 0.3, min_count: int = 1) -> None:
         super().__init__()
         self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.unknown = nn.Parameter(torch.zeros(dim))
         self.dropout_p = dropout_p
+        self.min_count = min_count
         self.out_dim = dim
         nn.init.normal_(self.embedding.weight, std=1.0)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
 
-    def forward(self, idx: Tensor, warm: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, warm: Tensor, drop: bool = True) -> Tensor:
+        """``drop=False`` keeps every usable id even while training."""
         use_id = warm
-        if self.training and self.dropout_p > 0:
+        if self.training and drop and self.dropout_p > 0:
             use_id = use_id & (torch.rand(idx.shape, device=idx.device) >= self.dropout_p)
         emb = self.embedding(idx)  # (..., D)
         return torch.where(use_id.unsqueeze(-1), emb, self.unknown.expand_as(emb))

@@ -46,7 +46,7 @@ class ItemTower(nn.Module):
         self.fusion = fusion(in_dim=dim, n_inputs=n_inputs, out_dim=dim)
         self.no_image = nn.Parameter(torch.zeros(dim)) if image_encoder is not None else None
         self.dim = dim
-        for name in ("images", "has_image", "categorical", "text", "is_cold", "sentence", "image_cache"):
+        for name in ("images", "has_image", "categorical", "text", "is_cold", "id_usable", "sentence", "image_cache"):
             self.register_buffer(name, None, persistent=False)
 
     def attach_features(self, features) -> None:
@@ -57,6 +57,8 @@ class ItemTower(nn.Module):
         self.categorical = features.categorical.to(device)
         self.text = features.text.to(device)
         self.is_cold = features.is_cold.to(device)
+        min_count = self.id_encoder.min_count if self.id_encoder is not None else 1
+        self.id_usable = (~features.is_cold & (features.train_count >= min_count)).to(device)
         self.sentence = features.sentence.to(device) if features.sentence is not None else None
         self.image_cache = None
 
@@ -75,12 +77,13 @@ class ItemTower(nn.Module):
         # float32 even when built under autocast: evaluation hooks run outside autocast.
         self.image_cache = torch.cat(feats).float()
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, drop_ids: bool = True) -> Tensor:
+        """``(...)`` item indices -> ``(..., D)``; ``drop_ids=False`` turns ID dropout off for this call."""
         shape = idx.shape
         flat = idx.reshape(-1)
         parts: list[Tensor] = []
         if self.id_encoder is not None:
-            parts.append(self.id_encoder(flat, warm=~self.is_cold[flat]))
+            parts.append(self.id_encoder(flat, warm=self.id_usable[flat], drop=drop_ids))
         if self.image_encoder is not None:
             if self.frozen_image:
                 if self.image_cache is None or self.image_cache.device != flat.device:
