@@ -2,10 +2,13 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from towerrec.data.datamodule import ItemFeatures
+from towerrec.evaluation.baselines import content_features
 from towerrec.models.components.content_encoder import ContentEncoder
+from towerrec.models.components.content_sketch import ContentSketch
 from towerrec.models.components.fusion import ConcatMLPFusion, GatedSumFusion
 from towerrec.models.components.id_embedding import IdEmbedding
 from towerrec.models.components.image_encoder import SmallCNN, TorchvisionEncoder
@@ -162,3 +165,36 @@ def test_efficientnet_lite0_adapter_loads_the_pretrained_extra():
     assert enc.feature_dim == 1280
     assert not any(p.requires_grad for p in enc.backbone.parameters())
     assert enc(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)).shape == (2, D)
+
+
+def test_content_sketch_keeps_tfidf_cosine_and_averages_recent_described_items():
+    f = features()
+    f.categorical[5] = 0
+    f.text[5] = 0  # item 5 has no content
+    sk = ContentSketch(dim=4096, recent=2)
+    sk.attach(f, torch.device("cpu"))
+    tfidf = content_features(f).to_dense()
+    exact = tfidf[1:] @ tfidf[1:].T
+    approx = sk(torch.arange(1, N + 1)) @ sk(torch.arange(1, N + 1)).T
+    described = torch.arange(1, N + 1) != 5
+    err = (approx - exact)[described][:, described].abs().max()
+    assert err < 0.1  # Johnson-Lindenstrauss: about 1/sqrt(dim)
+    assert torch.allclose(sk(torch.arange(N + 1))[1:].norm(dim=-1), torch.ones(N))  # blank item too
+    assert sk(torch.tensor(0)).abs().sum() == 0  # padding
+    history = torch.tensor([[0, 2, 5, 3, 4]])
+    pad = history == 0
+    out = sk.user(sk(history), pad)
+    assert out.shape == (1, 5, 4096)
+    assert out[0, 0].abs().sum() == 0  # nothing before: zero
+    assert torch.allclose(out[0, 2], F.normalize(sk(torch.tensor(2)), dim=0))  # item 5 is left out
+    # The last 2 positions (items 3 and 4), causal: item 2 has left the window.
+    assert torch.allclose(out[0, 4], F.normalize(sk(torch.tensor(3)) + sk(torch.tensor(4)), dim=0), atol=1e-6)
+
+
+def test_item_tower_with_sketch_appends_it_and_stays_unit_norm():
+    t = ItemTower(dim=D, fusion=partial(ConcatMLPFusion, hidden=16), id_encoder=IdEmbedding(N, D), sketch=ContentSketch(dim=32))
+    t.attach_features(features())
+    out = t(torch.tensor([1, 2, N])).detach()
+    assert out.shape == (3, D + 32) and t.out_dim == D + 32
+    assert torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(out[:, D:] * 2**0.5, t.sketch(torch.tensor([1, 2, N])), atol=1e-6)

@@ -21,12 +21,10 @@ def index_spec(name: str, **overrides):
     return instantiate(OmegaConf.merge(cfg.index, overrides))
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
+def train_tiny(root: Path, *extra: str) -> Path:
     """A one-epoch, two-batch checkpoint on a 150-item synthetic shop (dim 16)."""
     from towerrec.train import train
 
-    root = tmp_path_factory.mktemp("train")
     overrides = [
         f"data.processed_dir={root / 'processed'}",
         f"paths.output_dir={root / 'run'}",
@@ -41,11 +39,17 @@ def tiny_ckpt(tmp_path_factory) -> Path:
         "~callbacks.progress_bar",
         "~callbacks.lr_monitor",
         "logger=none",
+        *extra,
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     metrics = train(cfg)
     return Path(metrics["best_checkpoint"])
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("train"))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from towerrec.retrieval import ExportError, UnknownItemError, export_index, load
 from towerrec.retrieval.export import manifest_digest
 from towerrec.retrieval.index import measure_recall
 
-from .conftest import INDEX_CONFIGS, index_spec
+from .conftest import INDEX_CONFIGS, index_spec, train_tiny
 
 
 @pytest.mark.parametrize("name", INDEX_CONFIGS)
@@ -170,3 +170,23 @@ def test_export_does_not_overwrite_unless_asked(exports, tiny_ckpt):
     assert (exports["flat"] / "manifest.json").read_text() == before
     leftovers = [p.name for p in exports["flat"].parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no temporary folders left behind
+
+
+def test_export_with_content_sketch_serves_the_models_own_scores(tmp_path):
+    sketch = "{_target_: towerrec.models.components.content_sketch.ContentSketch, dim: 32, weight: 2.0}"
+    ckpt = train_tiny(tmp_path / "train", f"model.item_tower.sketch={sketch}")
+    out = export_index(ckpt, index_spec("flat"), tmp_path / "export", n_queries=50)
+    index = load_export(out)
+    assert index.manifest["dim"] == 16 + 32 and index.embeddings.shape == (150, 48)
+    model, dm, _ = load_trained(ckpt)
+    item_emb = model.item_tower.embed_all()
+    assert np.allclose(index.embeddings, item_emb[1:].numpy(), atol=1e-5)  # already unit norm
+    history = dm.test_split.history[:3]
+    with torch.no_grad():
+        user = model.user_embeddings(history, item_emb)
+    assert user.shape == (3, 48) and torch.allclose(user.norm(dim=-1), torch.ones(3), atol=1e-5)
+    raw = [str(i) for i in dm.items.set_index("item_idx").loc[history[0][history[0] > 0].tolist(), "item_id"]]
+    # The served query (weights only, sketches read back from the export) is the model's own.
+    assert np.allclose(index.recommender().user_vector(raw), user[0].numpy(), atol=1e-5)
+    hits = index.recommend(raw, k=5)
+    assert len(hits) == 5 and all(h.because for h in hits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import lightning as L
@@ -81,14 +82,28 @@ class TwoTowerModule(L.LightningModule):
             self.attach_features(dm.item_features)
 
     # ------------------------------------------------------------------ forward
+    def queries(self, hist_emb: Tensor, pad: Tensor) -> Tensor:
+        """Causal unit-norm queries at every position: ``(B, L, D')`` history item vectors ->
+        ``(B, L, D')``, where ``D'`` is the item tower's ``out_dim``.
+
+        The user tower reads the learned part of the item vectors. With a content sketch, the query
+        is ``[user tower output, weighted mean sketch of the recent items]``, normalised.
+        """
+        d = self.item_tower.dim
+        h = F.normalize(self.user_tower(hist_emb[..., :d], pad), dim=-1)  # (B, L, D), causal
+        sketch = self.item_tower.sketch
+        if sketch is None:
+            return h
+        s = sketch.user(hist_emb[..., d:] * math.sqrt(2.0), pad)[:, -h.shape[1] :]  # (the transformer keeps max_len)
+        return F.normalize(torch.cat([h, s], dim=-1), dim=-1)
+
     def user_embeddings(self, history: Tensor, item_emb: Tensor | None = None) -> Tensor:
-        """``(B, L)`` left-padded histories -> ``(B, D)`` unit-norm user embeddings."""
+        """``(B, L)`` left-padded histories -> ``(B, D')`` unit-norm user embeddings."""
         pad = history == 0
         # A user with no history still gets a query: the last slot (padding, a zero vector) is unmasked.
         pad[:, -1] = False
-        h = item_emb[history] if item_emb is not None else self.item_tower(history)  # (B, L, D)
-        h = self.user_tower(h, pad)  # (B, L, D), causal
-        return F.normalize(h[:, -1], dim=-1)  # (B, D)
+        h = item_emb[history] if item_emb is not None else self.item_tower(history)  # (B, L, D')
+        return self.queries(h, pad)[:, -1]  # (B, D')
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         inputs, targets = batch["inputs"], batch["targets"]  # (B, L) each
@@ -103,10 +118,10 @@ class TwoTowerModule(L.LightningModule):
         # only the scored side is dropped, DropoutNet-style; it costs a second item-tower pass.
         hist_emb = self.item_tower(uniq, drop_ids=False) if self.id_dropout_side == "candidates" else emb
         n = inputs.numel()
-        hist = hist_emb[inv[:n]].view(*inputs.shape, -1)  # (B, L, D)
-        h = self.user_tower(hist, inputs == 0)  # (B, L, D)
+        hist = hist_emb[inv[:n]].view(*inputs.shape, -1)  # (B, L, D')
+        h = self.queries(hist, inputs == 0)  # (B, L, D')
         valid = targets.reshape(-1) != 0
-        query = F.normalize(h.reshape(-1, h.shape[-1])[valid], dim=-1)  # (P, D)
+        query = h.reshape(-1, h.shape[-1])[valid]  # (P, D')
         positive = inv[n : 2 * n][valid]  # (P,)
         log_q = self.loss_fn.candidate_log_q(self.item_freq[uniq], len(positive), n_items)
         loss = self.loss_fn(query, emb, positive, uniq, log_q)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from towerrec.models.components.content_encoder import ContentEncoder
+from towerrec.models.components.content_sketch import ContentSketch
 from towerrec.models.components.id_embedding import IdEmbedding
 from towerrec.models.components.image_encoder import _ImageEncoder
 
@@ -26,6 +28,8 @@ class ItemTower(nn.Module):
         id_encoder: the ID embedding (with ID dropout).
         image_encoder: an image encoder; frozen ones have their features computed once per item.
         content_encoder: categorical and text features.
+        sketch: an optional untrained content-similarity channel appended to the learned
+            embedding; the item vector is then ``[learned, sketch] / sqrt(2)``, still unit norm.
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class ItemTower(nn.Module):
         id_encoder: IdEmbedding | None = None,
         image_encoder: _ImageEncoder | None = None,
         content_encoder: ContentEncoder | None = None,
+        sketch: ContentSketch | None = None,
     ) -> None:
         super().__init__()
         self.id_encoder = id_encoder
@@ -46,6 +51,9 @@ class ItemTower(nn.Module):
         self.fusion = fusion(in_dim=dim, n_inputs=n_inputs, out_dim=dim)
         self.no_image = nn.Parameter(torch.zeros(dim)) if image_encoder is not None else None
         self.dim = dim
+        self.sketch = sketch
+        #: Size of the item vectors: ``dim`` learned values, then the sketch's.
+        self.out_dim = dim + (sketch.dim if sketch is not None else 0)
         for name in ("images", "has_image", "categorical", "text", "is_cold", "id_usable", "sentence", "image_cache"):
             self.register_buffer(name, None, persistent=False)
 
@@ -61,6 +69,8 @@ class ItemTower(nn.Module):
         self.id_usable = (~features.is_cold & (features.train_count >= min_count)).to(device)
         self.sentence = features.sentence.to(device) if features.sentence is not None else None
         self.image_cache = None
+        if self.sketch is not None:
+            self.sketch.attach(features, device)
 
     @property
     def fusion_device(self) -> torch.device:
@@ -78,7 +88,7 @@ class ItemTower(nn.Module):
         self.image_cache = torch.cat(feats).float()
 
     def forward(self, idx: Tensor, drop_ids: bool = True) -> Tensor:
-        """``(...)`` item indices -> ``(..., D)``; ``drop_ids=False`` turns ID dropout off for this call."""
+        """``(...)`` item indices -> ``(..., out_dim)``; ``drop_ids=False`` turns ID dropout off for this call."""
         shape = idx.shape
         flat = idx.reshape(-1)
         parts: list[Tensor] = []
@@ -97,7 +107,9 @@ class ItemTower(nn.Module):
             sent = self.sentence[flat] if self.sentence is not None else None
             parts.append(self.content_encoder(self.categorical[flat], self.text[flat], sent))
         out = F.normalize(self.fusion(parts), dim=-1)  # (B*, D)
-        return out.reshape(*shape, self.dim)
+        if self.sketch is not None:
+            out = torch.cat([out, self.sketch(flat)], dim=-1) / math.sqrt(2.0)
+        return out.reshape(*shape, self.out_dim)
 
     @torch.no_grad()
     def embed_all(self, chunk: int = 4096) -> Tensor:
