@@ -57,6 +57,17 @@ def test_every_experiment_trains_a_batch_or_two(name, tmp_path):
     assert saved["best_checkpoint"] and Path(saved["best_checkpoint"]).is_file()
 
 
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [("hm_id_only", {"id_encoder"}), ("hm_content_only", {"content_encoder"}), ("hm_image_only", {"image_encoder"})],
+)
+def test_hm_ablations_keep_only_their_own_input(name, kept, tmp_path):
+    # They inherit hm_fusion; nothing of its other inputs (the content sketch included) may leak in.
+    tower = compose_cfg("train", [f"experiment={name}"], tmp_path).model.item_tower
+    parts = {"id_encoder", "image_encoder", "content_encoder", "sketch"}
+    assert {p for p in parts if tower.get(p) is not None} == kept
+
+
 def test_metrics_json_shape_and_best_checkpoint_chosen_on_validation(tiny_train_cfg, tmp_path):
     cfg = tiny_train_cfg("trainer.max_epochs=2")
     metrics = train(cfg)

@@ -17,6 +17,7 @@ from towerrec.evaluation.metrics import (
     popularity_percentile_at_k,
     rank_metrics,
     score_topk,
+    tie_order,
     topk_from_scorer,
     topk_items,
 )
@@ -113,9 +114,26 @@ def test_chunked_score_topk_equals_unchunked(chunk_size):
     items = torch.randint(0, 40, (60,), generator=g)
     seen = (rows, items)
     expected = reference_topk(user_emb @ item_emb.T, 10, set(zip(rows.tolist(), items.tolist(), strict=True)))
-    chunked = score_topk(user_emb, item_emb, 10, seen=seen, chunk_size=chunk_size)
+    chunked = score_topk(user_emb, item_emb, 10, seen=seen, chunk_size=chunk_size, shuffle_ties=False)
     assert torch.equal(chunked, expected)
-    assert torch.equal(chunked, score_topk(user_emb, item_emb, 10, seen=seen, chunk_size=1000))
+    assert torch.equal(chunked, score_topk(user_emb, item_emb, 10, seen=seen, chunk_size=1000, shuffle_ties=False))
+    # Shuffled ties (the default for models): the index rule applied along the fixed tie order.
+    order = tie_order(40)
+    shuffled = reference_topk(
+        (user_emb @ item_emb.T)[:, order], 10, {(r, int((order == i).nonzero())) for r, i in zip(rows.tolist(), items.tolist(), strict=True)}
+    )
+    assert torch.equal(score_topk(user_emb, item_emb, 10, seen=seen, chunk_size=chunk_size), order[shuffled])
+
+
+def test_shuffled_ties_follow_the_fixed_tie_order_not_the_item_index():
+    scores = torch.zeros(1, 50)
+    scores[0, 1:] = 1.0  # every real item ties, as an ID-only model's cold items do
+    order = tie_order(50)
+    assert order[0] == 0 and sorted(order.tolist()) == list(range(50))
+    top = topk_items(scores.clone(), 5, shuffle_ties=True)[0].tolist()
+    assert top == order[1:6].tolist() and top != [1, 2, 3, 4, 5]
+    scores[0, 30] = 2.0  # a better score still wins
+    assert topk_items(scores.clone(), 5, shuffle_ties=True)[0, 0] == 30
 
 
 def test_topk_from_scorer_passes_chunk_rows_and_masks_seen():

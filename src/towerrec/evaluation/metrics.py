@@ -43,8 +43,21 @@ def mask_seen(scores: Tensor, seen_rows: Tensor, seen_items: Tensor) -> Tensor:
     return scores
 
 
-def topk_items(scores: Tensor, k: int) -> Tensor:
+def tie_order(n_items: int, device: torch.device | str = "cpu") -> Tensor:
+    """A fixed pseudo-random order of ``n_items`` items (seed 0), PAD kept first.
+
+    Scorers that give many items the same score (an ID-only model embeds every cold item alike) must
+    not gain from the order of the item ids, which follows the raw ids and, on real data, carries
+    information (H&M article ids grow with the product's age). Ties are broken along this order instead.
+    """
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(n_items - 1, generator=g) + 1]).to(device)
+
+
+def topk_items(scores: Tensor, k: int, shuffle_ties: bool = False) -> Tensor:
     """Top-k item indices per row, best first, ties broken by the lower item index.
+
+    With ``shuffle_ties`` ties are broken along :func:`tie_order` instead of the item index.
 
     ``scores[:, PAD]`` is set to ``-inf`` in place first. ``torch.topk`` does not specify which of several
     equal scores it keeps, so the result is made deterministic: rows where a tie straddles the k-th place
@@ -69,6 +82,9 @@ def topk_items(scores: Tensor, k: int) -> Tensor:
     scores[:, PAD] = NEG_INF
     if scores.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.long, device=scores.device)
+    if shuffle_ties:
+        order = tie_order(n_items, scores.device)
+        return order[topk_items(scores[:, order], k)]
 
     values, idx = scores.topk(k, dim=1)  # (B, k)
     kth = values[:, -1:]  # (B, 1)
@@ -108,6 +124,7 @@ def topk_from_scorer(
     chunk_size: int = 1024,
     exclude: Tensor | None = None,
     device: torch.device | str = "cpu",
+    shuffle_ties: bool = False,
 ) -> Tensor:
     """Top-k items for ``n_users`` users, scoring chunks of users so memory stays bounded.
 
@@ -120,9 +137,10 @@ def topk_from_scorer(
         chunk_size: users scored at once.
         exclude: items masked for every user, as a ``(N,)`` bool mask or a long tensor of indices.
         device: device of the row indices passed to ``score_fn``.
+        shuffle_ties: break ties along :func:`tie_order` rather than by lower index.
 
     Returns:
-        ``(n_users, k)`` long item indices on the device of the scores, ties by lower index.
+        ``(n_users, k)`` long item indices on the device of the scores.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -148,7 +166,7 @@ def topk_from_scorer(
         excluded = _exclude_index(exclude, scores.device)
         if excluded is not None:
             scores[:, excluded] = NEG_INF
-        out.append(topk_items(scores, k))
+        out.append(topk_items(scores, k, shuffle_ties=shuffle_ties))
     if not out:
         return torch.empty(0, k, dtype=torch.long)
     return torch.cat(out)
@@ -161,8 +179,12 @@ def score_topk(
     seen: SeenPairs | None = None,
     chunk_size: int = 1024,
     exclude: Tensor | None = None,
+    shuffle_ties: bool = True,
 ) -> Tensor:
     """Exact top-k items by dot product for every user, over the whole catalogue.
+
+    Ties are broken along :func:`tie_order` by default: items a model embeds identically (an ID-only
+    model's cold items) then fill the top-k in an order unrelated to their ids.
 
     Args:
         user_emb: ``(U, D)`` user embeddings.
@@ -171,9 +193,10 @@ def score_topk(
         seen: ``(user_row, item)`` pairs over the U users, masked per user.
         chunk_size: users scored at once; the result does not depend on it.
         exclude: items masked for every user, as a ``(N,)`` bool mask or a long tensor of indices.
+        shuffle_ties: ``False`` breaks ties by lower index, as the baselines do.
 
     Returns:
-        ``(U, k)`` long item indices, best first, ties by lower index.
+        ``(U, k)`` long item indices, best first.
     """
     item_t = item_emb.T  # (D, N)
     return topk_from_scorer(
@@ -184,6 +207,7 @@ def score_topk(
         chunk_size=chunk_size,
         exclude=exclude,
         device=user_emb.device,
+        shuffle_ties=shuffle_ties,
     )
 
 
