@@ -16,7 +16,7 @@ class ContentEncoder(nn.Module):
         field_dim: embedding size per field and for the text bag.
         sentence_dim: size of precomputed sentence-model features; 0 disables them.
         dropout: dropout before the projection.
-        init_std: standard deviation of the initial field and token embeddings.
+        init_std: standard deviation of the initial field and token embeddings (1.0 is PyTorch's).
     """
 
     def __init__(
@@ -27,7 +27,7 @@ class ContentEncoder(nn.Module):
         field_dim: int = 16,
         sentence_dim: int = 0,
         dropout: float = 0.1,
-        init_std: float = 0.01,
+        init_std: float = 1.0,
     ) -> None:
         super().__init__()
         self.fields = nn.ModuleList(nn.Embedding(c, field_dim, padding_idx=0) for c in cardinalities)
@@ -38,8 +38,8 @@ class ContentEncoder(nn.Module):
         self.sentence_dim = sentence_dim
         self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
         self.out_dim = out_dim
-        # Small init: a category value or token seen only on never-bought items is never trained,
-        # and must add almost nothing to a cold item's embedding rather than N(0, 1) noise.
+        # A category value or token seen only on never-bought items is never trained: a small init
+        # (e.g. 0.01) keeps it from adding N(0, 1) noise to a cold item's embedding.
         for emb in [*self.fields, *([self.text] if self.text is not None else [])]:
             nn.init.normal_(emb.weight, std=init_std)
             with torch.no_grad():
