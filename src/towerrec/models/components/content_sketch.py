@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from towerrec.evaluation.baselines import content_features  # the TF-IDF content_knn uses
+
 
 class ContentSketch(nn.Module):
     """Token-overlap similarity between a user's recent items and any candidate, cold ones included.
@@ -56,8 +58,6 @@ class ContentSketch(nn.Module):
     @torch.no_grad()
     def attach(self, features, device: torch.device) -> None:
         """Build the sketches from :class:`towerrec.data.datamodule.ItemFeatures`."""
-        from towerrec.evaluation.baselines import content_features  # the TF-IDF content_knn uses
-
         tfidf = content_features(features)  # sparse (N+1, V), L2-normalised rows
         g = torch.Generator().manual_seed(self.seed + 1)
         proj = torch.randn(tfidf.shape[1], self.dim, generator=g) / self.dim**0.5
@@ -76,9 +76,10 @@ class ContentSketch(nn.Module):
         """``(B, L, dim)`` sketches of history items -> ``(B, L, dim)``: at each position, the weighted,
         normalised mean sketch of the described items among the last ``recent`` up to it (causal);
         0 if none. Taking sketches, not indices, lets a served model read them from an export."""
+        if self.training and not self.in_training:
+            return torch.zeros_like(sketches)  # late fusion: the channel is off while training
         described = (sketches @ self.blank < 0.99) & (sketches.abs().sum(-1) > 0)  # (B, L)
         keep = (described & ~pad).unsqueeze(-1)  # (B, L, 1)
         s = torch.where(keep, sketches, 0.0).cumsum(dim=1)  # (B, L, dim)
         s = s - F.pad(s, (0, 0, self.recent, 0))[:, : s.shape[1]]  # window of the last `recent`
-        weight = self.weight if self.in_training or not self.training else torch.zeros_like(self.weight)
-        return weight * F.normalize(s, dim=-1)
+        return self.weight * F.normalize(s, dim=-1)
