@@ -7,11 +7,12 @@ import math
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
 from towerrec import PROJECT_ROOT
-from towerrec.reproduce import format_reproduce_table, load_results, mean_std, reproduce
+from towerrec.reproduce import format_reproduce_table, load_results, mean_std, pooled_intervals, reproduce
 
 EXPERIMENTS = ["synthetic_fusion", "synthetic_no_image"]
 BASELINES = ["popularity", "repurchase"]
@@ -53,11 +54,13 @@ def test_table_has_header_and_a_mean_std_row_per_model(tiny_reproduction):
     if head.returncode == 0:
         assert head.stdout.strip() in md
     assert "**wall time**" in md and "**split**: temporal" in md and "**seeds**: 0, 1" in md
+    assert "**intervals**" in md and f"= {20 / manifest['counts']['items']:.4f}" in md  # chance level
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| slice")]
     for sl in ("all", "warm_items", "cold_items"):
         for name in EXPERIMENTS:
             (row,) = [r for r in rows if r.startswith(f"| {sl} | {name} |")]
             assert row.count("±") >= 3  # recall, NDCG, MRR (coverage only in "all")
+            assert row.rstrip(" |").endswith("]")  # the Recall@20 interval
         for name in BASELINES:
             (row,) = [r for r in rows if r.startswith(f"| {sl} | {name} |")]
             assert "±" not in row
@@ -83,6 +86,10 @@ def test_json_holds_metrics_in_range_and_means_of_the_runs(tiny_reproduction):
         recalls = [run["test"]["all"]["recall@20"] for run in runs]
         assert model["metrics"]["all"]["recall@20"] == pytest.approx(sum(recalls) / 2)
         assert model["std"]["all"]["recall@20"] == pytest.approx(abs(recalls[0] - recalls[1]) / math.sqrt(2))
+    for name, model in result["models"].items():  # a 95% interval over users brackets every mean
+        for sl in ("all", "warm_items", "cold_items"):
+            lo, hi = model["interval"][sl]["recall@20"]
+            assert lo <= model["metrics"][sl]["recall@20"] <= hi, (name, sl)
     assert result["models"]["synthetic_no_image"]["overrides"][-1] == "model.item_tower.image_encoder=null"
     # The baselines ran through towerrec-eval, which wrote its own files.
     assert (tiny_reproduction / "baselines" / "metrics.md").is_file()
@@ -126,6 +133,22 @@ def test_mean_std_and_table_cells():
         "popularity": {"metrics": {"all": {"recall@20": 0.1, "users": 10, "mrr@20": math.nan}}},
     }
     table = format_reproduce_table(models, ["all", "cold_items"], k=20).splitlines()
-    assert table[2] == "| all | two_tower | 10 | 0.3000 ± 0.1414 | – | – | – |"
-    assert table[3] == "| all | popularity | 10 | 0.1000 | – | – | – |"
+    assert table[2] == "| all | two_tower | 10 | 0.3000 ± 0.1414 | – | – | – | – |"
+    assert table[3] == "| all | popularity | 10 | 0.1000 | – | – | – | – |"
     assert len(table) == 4  # no cold_items slice in either model
+    models["popularity"]["interval"] = {"all": {"recall@20": [0.05, 0.15]}}
+    table = format_reproduce_table(models, ["all"], k=20).splitlines()
+    assert table[3] == "| all | popularity | 10 | 0.1000 | – | – | – | [0.0500, 0.1500] |"
+
+
+def test_pooled_intervals_average_each_user_over_seeds_first():
+    # Two seeds; user 2 has no cold target (NaN) and is left out of that slice.
+    seed0 = pd.DataFrame({"user_idx": [1, 2, 3], "all/recall@20": [1.0, 0.0, 0.0], "cold_items/recall@20": [1.0, math.nan, 0.0]})
+    seed1 = pd.DataFrame({"user_idx": [3, 2, 1], "all/recall@20": [0.0, 0.0, 0.0], "cold_items/recall@20": [0.0, math.nan, 0.0]})
+    out = pooled_intervals([seed0, seed1], [20])
+    # Per user over seeds: all = [0.5, 0, 0], cold = [0.5, 0]: every resampled mean lies in [0, mean of 0.5s].
+    lo, hi = out["all"]["recall@20"]
+    assert 0.0 <= lo < 0.5 / 3 < hi <= 0.5
+    lo, hi = out["cold_items"]["recall@20"]
+    assert lo == 0.0 and hi == 0.5
+    assert "ndcg@20" not in out["all"]  # only the columns the runs wrote

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import HM_ROOT, TINY_DATA, TINY_TRAIN, compose_cfg, needs_hm
@@ -78,6 +79,13 @@ def test_metrics_json_shape_and_best_checkpoint_chosen_on_validation(tiny_train_
     monitor = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")][0]
     assert monitor["monitor"] == "val/ndcg@20"
     assert ckpt["towerrec_config"]["model"]["meta"]["num_items"] == 120
+    # Per-user test values: their means are the reported metrics, inside the reported intervals.
+    per_user = pd.read_parquet(Path(cfg.paths.output_dir) / "test_per_user.parquet")
+    for sl in ("all", "warm_items", "cold_items"):
+        reported = metrics["test"][sl]
+        assert per_user[f"{sl}/recall@20"].mean() == pytest.approx(reported["recall@20"])
+        assert reported["recall_lo@20"] <= reported["recall@20"] <= reported["recall_hi@20"]
+    assert per_user["user_idx"].is_unique
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_processed_dir, tmp_path):

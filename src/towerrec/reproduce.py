@@ -10,7 +10,12 @@ Writes into ``out_dir``::
     reproduce.md             the header and the table (slices x models, metrics at ``k``)
     reproduce.json           the header, and per model every slice's metrics (mean and std over seeds)
     baselines/               towerrec-eval's metrics.json and metrics.md (one folder per baseline)
-    runs/<name>/seed<s>/     towerrec-train's run folders (resolved config, checkpoints, metrics.json)
+    runs/<name>/seed<s>/     towerrec-train's run folders (resolved config, checkpoints, metrics.json,
+                             test_per_user.parquet)
+
+Beside mean ± std over seeds, every model gets a 95% bootstrap interval over the test users of its recall
+and NDCG in the item slices: for a trained model each user's values are averaged over the seeds first, so
+the interval is about the users sampled, given the seeds run.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec import CONFIG_DIR, PROJECT_ROOT
 from towerrec.data.prepare import config_hash, ensure_prepared, read_manifest
+from towerrec.evaluation.evaluator import INTERVAL_METRICS, ITEM_SLICES
+from towerrec.evaluation.metrics import bootstrap_interval
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +134,45 @@ def mean_std(runs: list[Slices]) -> tuple[Slices, Slices]:
     return mean, std
 
 
+def pooled_intervals(frames: list[pd.DataFrame], ks: list[int]) -> dict[str, dict[str, list[float]]]:
+    """95% bootstrap intervals over users of each user's metric averaged over runs (seeds).
+
+    Args:
+        frames: one ``test_per_user.parquet`` table per run (``user_idx`` and ``<slice>/<metric>@k``).
+        ks: cut-offs.
+
+    Returns:
+        ``{slice: {metric@k: [low, high]}}`` for :data:`ITEM_SLICES` x :data:`INTERVAL_METRICS`.
+    """
+    per_user = pd.concat(frames).groupby("user_idx").mean()  # NaN (no target in the slice) stays NaN
+    out: dict[str, dict[str, list[float]]] = {}
+    for sl in ITEM_SLICES:
+        for m in INTERVAL_METRICS:
+            for k in ks:
+                col = f"{sl}/{m}@{k}"
+                if col in per_user:
+                    values = torch.tensor(per_user[col].to_numpy(dtype="float64"))
+                    out.setdefault(sl, {})[f"{m}@{k}"] = list(bootstrap_interval(values))
+    return out
+
+
+def baseline_intervals(slices: Slices) -> dict[str, dict[str, list[float]]]:
+    """The intervals ``evaluate_split`` put in a single run's slices (``recall_lo@k``, ``recall_hi@k``...)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for sl, values in slices.items():
+        for key, lo in values.items():
+            if "_lo@" in key:
+                metric, k = key.split("_lo@")
+                out.setdefault(sl, {})[f"{metric}@{k}"] = [lo, values.get(f"{metric}_hi@{k}", math.nan)]
+    return out
+
+
+def _interval_cell(interval: list[float] | None) -> str:
+    if not interval or any(v is None or v != v for v in interval):
+        return "–"
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
 def _cell(value: float | None, std: float | None) -> str:
     if value is None or value != value:
         return "–"
@@ -136,8 +182,9 @@ def _cell(value: float | None, std: float | None) -> str:
 
 
 def format_reproduce_table(models: dict[str, dict], slices: list[str], k: int) -> str:
-    """A markdown table: one row per (slice, model), the metrics at ``k``, ``mean ± std`` where known."""
-    cols = [f"{label}@{k}" for _, label in TABLE_METRICS]
+    """A markdown table: one row per (slice, model), the metrics at ``k``, ``mean ± std`` where known, and
+    the 95% interval of Recall@k over users."""
+    cols = [f"{label}@{k}" for _, label in TABLE_METRICS] + [f"Recall@{k} 95% interval"]
     lines = ["| slice | model | users | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for sl in slices:
         for name, model in models.items():
@@ -146,6 +193,7 @@ def format_reproduce_table(models: dict[str, dict], slices: list[str], k: int) -
                 continue
             stds = model.get("std", {}).get(sl, {})
             cells = [_cell(values.get(f"{m}@{k}"), stds.get(f"{m}@{k}")) for m, _ in TABLE_METRICS]
+            cells.append(_interval_cell(model.get("interval", {}).get(sl, {}).get(f"recall@{k}")))
             users = values.get("users")
             users = "" if users is None or users != users else int(users)
             lines.append(f"| {sl} | {name} | {users} | " + " | ".join(cells) + " |")
@@ -186,6 +234,16 @@ def format_header(header: dict) -> str:
         f"- **seeds**: {', '.join(map(str, header['seeds']))} — trained models: mean ± sample std over seeds; "
         "baselines: one run"
     )
+    lines.append(
+        "- **intervals**: 95% percentile bootstrap over the test users (1,000 resamples), of each user's "
+        "value averaged over the seeds for a trained model"
+    )
+    n_items = data["counts"].get("items")
+    if n_items:
+        lines.append(
+            f"- **chance level**: a random ranking of all {n_items:,} items has an expected Recall@{header['k']} "
+            f"of {header['k']} / {n_items:,} = {header['k'] / n_items:.4f} (without seen-item masking)"
+        )
     for name, overrides in header["experiments"].items():
         lines.append(f"  - `{name}`: `{' '.join(overrides)}`")
     if header["train_overrides"]:
@@ -322,6 +380,8 @@ def reproduce(cfg: DictConfig) -> dict:
     models: dict[str, dict] = {}
     for name, rs in trained.items():
         mean, std = mean_std([r.pop("test") for r in rs])
+        frames = [out / r["dir"] / "test_per_user.parquet" for r in rs]
+        interval = pooled_intervals([pd.read_parquet(f) for f in frames], ks) if all(f.is_file() for f in frames) else {}
         overrides = run_overrides(name, cfg.variants)
         seeds = [r["seed"] for r in rs]
         models[name] = {
@@ -330,10 +390,11 @@ def reproduce(cfg: DictConfig) -> dict:
             "seeds": seeds,
             "metrics": mean,
             "std": std,
+            "interval": interval,
             "runs": rs,
         }
     for name, slices in baselines.items():
-        models.setdefault(name, {"kind": "baseline", "metrics": slices})
+        models.setdefault(name, {"kind": "baseline", "metrics": slices, "interval": baseline_intervals(slices)})
 
     wall = time.perf_counter() - t0
     if wall > 60 * cfg.budget_minutes:

@@ -1,4 +1,7 @@
-"""``towerrec-train``: instantiate -> fit -> test with the best checkpoint -> ``metrics.json``."""
+"""``towerrec-train``: instantiate -> fit -> test with the best checkpoint -> ``metrics.json``.
+
+The run folder also gets ``test_per_user.parquet``: each test user's metrics in the item slices.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ def train(cfg: DictConfig) -> dict:
         "data": {"name": cfg.data.name, "split": dm.manifest["split"], "config_hash": dm.manifest["config_hash"]},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if model.test_per_user is not None:  # for intervals pooled over seeds (towerrec-reproduce)
+        model.test_per_user.to_parquet(out / "test_per_user.parquet", index=False)
     cols = [f"{m}@{k}" for k in cfg.model.ks for m in ("recall", "ndcg")]
     slices = {s: model.test_results[s] for s in cfg.print_slices if s in model.test_results}
     print(f"\nbest val {ckpt.monitor if ckpt else ''}: {val_best}  checkpoint: {best}")

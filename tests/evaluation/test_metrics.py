@@ -10,6 +10,7 @@ import torch
 from towerrec.evaluation.metrics import (
     PAD,
     aggregate,
+    bootstrap_interval,
     coverage_at_k,
     intra_list_diversity_at_k,
     mask_seen,
@@ -253,6 +254,22 @@ def test_aggregate_nanmean_over_user_mask():
     # "users" counts users valid for every metric
     mixed = {"a": torch.tensor([1.0, math.nan, 0.0]), "b": torch.tensor([math.nan, 1.0, 0.0])}
     assert aggregate(mixed) == pytest.approx({"a": 0.5, "b": 0.5, "users": 1})
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_users():
+    g = torch.Generator().manual_seed(1)
+    few = (torch.rand(50, generator=g) < 0.1).double()
+    many = (torch.rand(5000, generator=g) < 0.1).double()
+    lo, hi = bootstrap_interval(torch.cat([few, torch.tensor([math.nan] * 5)]))  # NaN users left out
+    assert lo < few.mean().item() < hi
+    assert (lo, hi) == bootstrap_interval(few)  # fixed seed: the same values give the same interval
+    lo_m, hi_m = bootstrap_interval(many)
+    assert lo_m < many.mean().item() < hi_m
+    assert hi_m - lo_m < (hi - lo) / 5  # sqrt(100) = 10x narrower in expectation
+    # About 95% of the resampled means fall inside: for p = 0.1 and n = 5000 the normal interval is +-0.0083.
+    assert hi_m - lo_m == pytest.approx(2 * 1.96 * math.sqrt(0.09 / 5000), rel=0.15)
+    assert bootstrap_interval(torch.zeros(10)) == (0.0, 0.0)
+    assert all(math.isnan(v) for v in bootstrap_interval(torch.tensor([math.nan])))
 
 
 # ---------------------------------------------------------------- beyond accuracy

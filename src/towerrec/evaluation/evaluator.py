@@ -10,17 +10,24 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
 from towerrec.evaluation.metrics import (
     PAD,
     aggregate,
+    bootstrap_interval,
     coverage_at_k,
     novelty_at_k,
     popularity_percentile_at_k,
     rank_metrics,
 )
+
+#: The item slices every result has; each also gets a bootstrap interval of its recall and NDCG.
+ITEM_SLICES = ("all", "warm_items", "cold_items")
+#: Metrics given an interval, as ``<metric>_lo@k`` and ``<metric>_hi@k`` (95%, over users).
+INTERVAL_METRICS = ("recall", "ndcg")
 
 #: History-length buckets (inclusive bounds) for user slices.
 HISTORY_BUCKETS: list[tuple[str, int, float]] = [("0", 0, 0), ("1", 1, 1), ("2-4", 2, 4), ("5-9", 5, 9), ("10+", 10, math.inf)]
@@ -32,6 +39,39 @@ def seen_pairs(seen: Tensor | None) -> tuple[Tensor, Tensor] | None:
         return None
     rows, cols = (seen != PAD).nonzero(as_tuple=True)
     return rows, seen[rows, cols]
+
+
+def item_slices_per_user(topk: Tensor, split, is_cold: Tensor, ks: list[int]) -> dict[str, dict[str, Tensor]]:
+    """Per-user metrics of :data:`ITEM_SLICES`: ``{slice: {metric@k: (U,) values}}``, NaN for users
+    without a target in the slice (a warm-items value counts the user's warm targets only)."""
+    topk = topk.cpu()
+    targets = split.targets.cpu()
+    real = targets != PAD
+    cold_t = is_cold.cpu()[targets] & real
+    return {
+        "all": rank_metrics(topk, targets, ks),
+        "warm_items": rank_metrics(topk, targets, ks, target_mask=real & ~cold_t),
+        "cold_items": rank_metrics(topk, targets, ks, target_mask=cold_t),
+    }
+
+
+def per_user_frame(per_slice: dict[str, dict[str, Tensor]], user_idx) -> pd.DataFrame:
+    """One row per evaluated user: ``user_idx`` and a ``<slice>/<metric>@k`` column per value."""
+    columns = {"user_idx": np.asarray(user_idx)}
+    for sl, per_user in per_slice.items():
+        for name, values in per_user.items():
+            columns[f"{sl}/{name}"] = values.double().cpu().numpy()
+    return pd.DataFrame(columns)
+
+
+def intervals(per_user: dict[str, Tensor], ks: list[int]) -> dict[str, float]:
+    """``<metric>_lo@k`` and ``<metric>_hi@k``: 95% bootstrap intervals over users of :data:`INTERVAL_METRICS`."""
+    out: dict[str, float] = {}
+    for m in INTERVAL_METRICS:
+        for k in ks:
+            if f"{m}@{k}" in per_user:
+                out[f"{m}_lo@{k}"], out[f"{m}_hi@{k}"] = bootstrap_interval(per_user[f"{m}@{k}"])
+    return out
 
 
 def evaluate_split(
@@ -54,17 +94,14 @@ def evaluate_split(
 
     Returns:
         ``{slice: {metric@k: value, "users": n}}`` with slices ``all``, ``warm_items``,
-        ``cold_items`` and, with ``segments``, ``history=…``, ``lifecycle=…``, ``R=…``, ``F=…``, ``M=…``.
+        ``cold_items`` (each with 95% bootstrap intervals ``recall_lo@k``, ``recall_hi@k``,
+        ``ndcg_lo@k``, ``ndcg_hi@k`` over users) and, with ``segments``, ``history=…``, ``lifecycle=…``, ``R=…``, ``F=…``, ``M=…``.
         ``all`` also has ``coverage@k``, ``pop_percentile@k`` and ``novelty@k``.
     """
     topk = topk.cpu()
-    targets = split.targets.cpu()
-    real = targets != PAD
-    cold_t = is_cold.cpu()[targets] & real
-    per_user = rank_metrics(topk, targets, ks)
-    out: dict[str, dict[str, float]] = {"all": aggregate(per_user)}
-    out["warm_items"] = aggregate(rank_metrics(topk, targets, ks, target_mask=real & ~cold_t))
-    out["cold_items"] = aggregate(rank_metrics(topk, targets, ks, target_mask=cold_t))
+    per_slice = item_slices_per_user(topk, split, is_cold, ks)
+    out: dict[str, dict[str, float]] = {sl: {**aggregate(v), **intervals(v, ks)} for sl, v in per_slice.items()}
+    per_user = per_slice["all"]
     n_items = len(is_cold)
     pop = train_users.cpu().float()
     n_train_users = max(int(pop.max().item()), split.n_train_users, 1)

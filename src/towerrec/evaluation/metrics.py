@@ -6,7 +6,8 @@ project reports is computed by the same code. The flow is:
 1. scores for a chunk of users over *all* items (no sampled negatives), seen items and padding masked,
 2. ``topk_items`` with a deterministic tie-break,
 3. ``rank_metrics`` -> per-user values (one tensor per metric),
-4. ``aggregate`` -> one float per metric, optionally over a user mask (segments, history-length buckets).
+4. ``aggregate`` -> one float per metric, optionally over a user mask (segments, history-length buckets);
+   ``bootstrap_interval`` -> how far that mean could move with another sample of users.
 
 Item slices (warm and cold items) are a ``target_mask`` passed to ``rank_metrics``; user slices are a
 ``user_mask`` passed to ``aggregate``. Neither copies the metric code.
@@ -307,6 +308,27 @@ def aggregate(per_user: dict[str, Tensor], user_mask: Tensor | None = None) -> d
         result[name] = values[valid].mean().item() if valid.any() else math.nan
     result["users"] = int(counted.sum().item()) if counted is not None else 0
     return result
+
+
+def bootstrap_interval(
+    values: Tensor, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of per-user values over users (NaN users left out).
+
+    Users are resampled with replacement ``n_resamples`` times from a fixed seed, so the same values give
+    the same interval. It measures the sampling noise of the evaluated users, not the training noise
+    between seeds (average each user's values over seeds first to fold that in). ``(nan, nan)`` without
+    users.
+    """
+    v = values.detach().double().cpu()
+    v = v[~torch.isnan(v)]
+    if len(v) == 0:
+        return math.nan, math.nan
+    g = torch.Generator().manual_seed(seed)
+    means = v[torch.randint(len(v), (n_resamples, len(v)), generator=g)].mean(dim=1)
+    tail = (1.0 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
+    return lo, hi
 
 
 def _real_items(topk: Tensor, k: int) -> Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from towerrec.evaluation.evaluator import evaluate_split, seen_pairs
+from towerrec.evaluation.evaluator import evaluate_split, item_slices_per_user, per_user_frame, seen_pairs
 from towerrec.evaluation.metrics import aggregate, rank_metrics, score_topk
 from towerrec.models.components.item_tower import ItemTower
 from towerrec.models.components.loss import SampledSoftmaxLoss
@@ -66,6 +66,8 @@ class TwoTowerModule(L.LightningModule):
         self.monitor_k = monitor_k
         self.register_buffer("item_freq", None, persistent=False)
         self.test_results: dict = {}
+        #: Per-user test metrics of the item slices (``towerrec-train`` writes them to ``test_per_user.parquet``).
+        self.test_per_user = None
         self._eval_emb: Tensor | None = None
         self._topk: list[Tensor] = []
 
@@ -159,8 +161,11 @@ class TwoTowerModule(L.LightningModule):
         topk = torch.cat(self._topk)
         f = dm.item_features
         self.test_results = evaluate_split(topk, dm.test_split, f.is_cold, f.train_users, self.ks)
+        per_slice = item_slices_per_user(topk, dm.test_split, f.is_cold, self.ks)
+        self.test_per_user = per_user_frame(per_slice, dm.test_split.user_idx.cpu().numpy())
         for name, value in self.test_results["all"].items():
-            self.log(f"test/{name}", float(value))
+            if "_lo@" not in name and "_hi@" not in name:
+                self.log(f"test/{name}", float(value))
         self._topk = []
 
     # ------------------------------------------------------------------ optimisers
