@@ -425,7 +425,7 @@ class ContentKNN(Baseline):
         recent: history items averaged into the user vector.
     """
 
-    def __init__(self, features: Literal["image", "content", "both"] = "both", recent: int = 10) -> None:
+    def __init__(self, features: Literal["image", "content", "both"] = "both", recent: int = 5) -> None:
         if features not in ("image", "content", "both"):
             raise ValueError(f"features must be 'image', 'content' or 'both', got {features!r}")
         self.features = features

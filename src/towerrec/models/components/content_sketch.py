@@ -38,7 +38,7 @@ class ContentSketch(nn.Module):
     def __init__(
         self,
         dim: int = 512,
-        recent: int = 10,
+        recent: int = 5,
         weight: float = 1.0,
         in_training: bool = True,
         learn_weight: bool = False,
