@@ -11,7 +11,7 @@ import torch
 from conftest import HM_ROOT, TINY_DATA, compose_cfg, needs_hm
 
 from towerrec.data.datamodule import SequenceDataModule, train_windows
-from towerrec.data.prepare import is_up_to_date, prepare
+from towerrec.data.prepare import config_hash, is_up_to_date, prepare
 from towerrec.data.schema import DataError
 
 
@@ -90,6 +90,14 @@ def test_prepare_is_a_noop_on_unchanged_inputs_and_redone_on_change(tmp_path):
     assert not is_up_to_date(changed)
     prepare(changed)
     assert json.loads((out / "manifest.json").read_text())["split"]["test_days"] == 5
+
+
+def test_config_hash_ignores_where_the_data_lives(tmp_path):
+    a = compose_cfg("train", ["data=hm", "data.root=/one/checkout/../shared/data/hm"], tmp_path).data
+    b = compose_cfg("train", ["data=hm", "data.root=/b/hm", "data.processed_dir=/tmp/elsewhere"], tmp_path).data
+    assert config_hash(a) == config_hash(b)
+    c = compose_cfg("train", ["data=hm", "data.root=/b/hm", "data.split.test_days=7"], tmp_path).data
+    assert config_hash(c) != config_hash(a)
 
 
 def test_synthetic_preparation_is_deterministic(tmp_path):

@@ -70,9 +70,17 @@ def inputs_fingerprint(root: str | Path) -> dict[str, Any]:
 
 
 def config_hash(data_cfg: DictConfig) -> str:
-    """Hash of what determines the processed folder: the resolved data config and the code version."""
+    """Hash of what determines the processed folder: the resolved data config and the code version.
+
+    Where the data lives (``root``, ``source.root``, ``processed_dir``) is left out, so two checkouts
+    of one commit report the same hash; what the input files hold is fingerprinted separately
+    (:func:`inputs_fingerprint` for staleness, the manifest's per-file sha256 for reports).
+    """
     cfg = OmegaConf.to_container(data_cfg, resolve=True)
     cfg.pop("processed_dir", None)
+    cfg.pop("root", None)
+    if isinstance(cfg.get("source"), dict):
+        cfg["source"].pop("root", None)
     cfg.pop("eval", None)  # evaluation options do not change the processed tables
     blob = json.dumps({"v": PREPARE_VERSION, "cfg": cfg}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
