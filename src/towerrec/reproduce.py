@@ -234,6 +234,8 @@ def format_header(header: dict) -> str:
         f"- **seeds**: {', '.join(map(str, header['seeds']))} — trained models: mean ± sample std over seeds; "
         "baselines: one run"
     )
+    for name, overrides in header["experiments"].items():
+        lines.append(f"  - `{name}`: `{' '.join(overrides)}`")
     lines.append(
         "- **intervals**: 95% percentile bootstrap over the test users (1,000 resamples), of each user's "
         "value averaged over the seeds for a trained model"
@@ -244,8 +246,6 @@ def format_header(header: dict) -> str:
             f"- **chance level**: a random ranking of all {n_items:,} items has an expected Recall@{header['k']} "
             f"of {header['k']} / {n_items:,} = {header['k'] / n_items:.4f} (without seen-item masking)"
         )
-    for name, overrides in header["experiments"].items():
-        lines.append(f"  - `{name}`: `{' '.join(overrides)}`")
     if header["train_overrides"]:
         lines.append(f"- **every training run**: `{' '.join(header['train_overrides'])}`")
     if header.get("command"):

@@ -81,6 +81,7 @@ def evaluate_split(
     train_users: Tensor,
     ks: list[int],
     segments: bool = True,
+    per_slice: dict[str, dict[str, Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of one ranking result, by slice.
 
@@ -91,6 +92,7 @@ def evaluate_split(
         train_users: ``(N+1,)`` distinct training users per item (popularity and novelty).
         ks: cut-offs.
         segments: add history-length, lifecycle and RFM user slices.
+        per_slice: :func:`item_slices_per_user` of this result, when the caller already has it.
 
     Returns:
         ``{slice: {metric@k: value, "users": n}}`` with slices ``all``, ``warm_items``,
@@ -99,7 +101,8 @@ def evaluate_split(
         ``all`` also has ``coverage@k``, ``pop_percentile@k`` and ``novelty@k``.
     """
     topk = topk.cpu()
-    per_slice = item_slices_per_user(topk, split, is_cold, ks)
+    if per_slice is None:
+        per_slice = item_slices_per_user(topk, split, is_cold, ks)
     out: dict[str, dict[str, float]] = {sl: {**aggregate(v), **intervals(v, ks)} for sl, v in per_slice.items()}
     per_user = per_slice["all"]
     n_items = len(is_cold)

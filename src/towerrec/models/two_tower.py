@@ -160,8 +160,8 @@ class TwoTowerModule(L.LightningModule):
         dm = self.trainer.datamodule
         topk = torch.cat(self._topk)
         f = dm.item_features
-        self.test_results = evaluate_split(topk, dm.test_split, f.is_cold, f.train_users, self.ks)
         per_slice = item_slices_per_user(topk, dm.test_split, f.is_cold, self.ks)
+        self.test_results = evaluate_split(topk, dm.test_split, f.is_cold, f.train_users, self.ks, per_slice=per_slice)
         self.test_per_user = per_user_frame(per_slice, dm.test_split.user_idx.cpu().numpy())
         for name, value in self.test_results["all"].items():
             if "_lo@" not in name and "_hi@" not in name:
