@@ -40,8 +40,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec import CONFIG_DIR, PROJECT_ROOT
 from towerrec.data.prepare import config_hash, ensure_prepared, read_manifest
-from towerrec.evaluation.evaluator import INTERVAL_METRICS, ITEM_SLICES
-from towerrec.evaluation.metrics import bootstrap_interval
+from towerrec.evaluation.evaluator import ITEM_SLICES, intervals
 
 log = logging.getLogger(__name__)
 
@@ -142,22 +141,24 @@ def pooled_intervals(frames: list[pd.DataFrame], ks: list[int]) -> dict[str, dic
         ks: cut-offs.
 
     Returns:
-        ``{slice: {metric@k: [low, high]}}`` for :data:`ITEM_SLICES` x :data:`INTERVAL_METRICS`.
+        ``{slice: {metric@k: [low, high]}}`` for :data:`ITEM_SLICES` x ``evaluator.INTERVAL_METRICS``.
     """
     per_user = pd.concat(frames).groupby("user_idx").mean()  # NaN (no target in the slice) stays NaN
-    out: dict[str, dict[str, list[float]]] = {}
+    slices: Slices = {}
     for sl in ITEM_SLICES:
-        for m in INTERVAL_METRICS:
-            for k in ks:
-                col = f"{sl}/{m}@{k}"
-                if col in per_user:
-                    values = torch.tensor(per_user[col].to_numpy(dtype="float64"))
-                    out.setdefault(sl, {})[f"{m}@{k}"] = list(bootstrap_interval(values))
-    return out
+        values = {
+            col.split("/", 1)[1]: torch.tensor(per_user[col].to_numpy(dtype="float64"))
+            for col in per_user
+            if col.startswith(f"{sl}/")
+        }
+        if values:
+            slices[sl] = intervals(values, ks)
+    return interval_pairs(slices)
 
 
-def baseline_intervals(slices: Slices) -> dict[str, dict[str, list[float]]]:
-    """The intervals ``evaluate_split`` put in a single run's slices (``recall_lo@k``, ``recall_hi@k``...)."""
+def interval_pairs(slices: Slices) -> dict[str, dict[str, list[float]]]:
+    """``{slice: {metric@k: [low, high]}}`` from the ``recall_lo@k``, ``recall_hi@k``... keys that
+    :func:`~towerrec.evaluation.evaluator.intervals` writes (a baseline's slices carry them too)."""
     out: dict[str, dict[str, list[float]]] = {}
     for sl, values in slices.items():
         for key, lo in values.items():
@@ -394,7 +395,7 @@ def reproduce(cfg: DictConfig) -> dict:
             "runs": rs,
         }
     for name, slices in baselines.items():
-        models.setdefault(name, {"kind": "baseline", "metrics": slices, "interval": baseline_intervals(slices)})
+        models.setdefault(name, {"kind": "baseline", "metrics": slices, "interval": interval_pairs(slices)})
 
     wall = time.perf_counter() - t0
     if wall > 60 * cfg.budget_minutes:
