@@ -97,7 +97,7 @@ class Throughput:
 
 def time_steps(cfg: DictConfig, name: str, image: str, steps: int, warmup: int) -> Throughput:
     """Warm-up, then ``steps`` plain training steps; the same work as Lightning's automatic optimisation."""
-    dm, model = build(cfg)
+    dm, model, _ = build(cfg)
     gpu = cfg.trainer.accelerator in ("gpu", "cuda")
     device = torch.device("cuda" if gpu else "cpu")
     model.to(device)
@@ -224,7 +224,7 @@ class EpochTimer(L.Callback):
 
 def time_epoch(cfg: DictConfig, name: str, image: str) -> dict:
     """One ``trainer.fit`` epoch (train + validation), split by :class:`EpochTimer`."""
-    dm, model = build(cfg)
+    dm, model, _ = build(cfg)
     timer = EpochTimer()
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[timer], logger=False)
     t = time.perf_counter()

@@ -78,7 +78,11 @@ def test_metrics_json_shape_and_best_checkpoint_chosen_on_validation(tiny_train_
     ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
     monitor = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")][0]
     assert monitor["monitor"] == "val/ndcg@20"
-    assert ckpt["towerrec_config"]["model"]["meta"]["num_items"] == 120
+    assert Path(metrics["best_checkpoint"]).name.startswith("epoch") and "-ndcg20_" in metrics["best_checkpoint"]
+    # The module itself records its config and the data it was built for (no help from train.py).
+    assert ckpt["hyper_parameters"]["config"]["meta"]["num_items"] == 120
+    assert ckpt["hyper_parameters"]["meta"]["config_hash"] == metrics["data"]["config_hash"]
+    assert ckpt["datamodule_hyper_parameters"]["processed_dir"] == cfg.datamodule.processed_dir
     # Per-user test values: their means are the reported metrics, inside the reported intervals.
     per_user = pd.read_parquet(Path(cfg.paths.output_dir) / "test_per_user.parquet")
     for sl in ("all", "warm_items", "cold_items"):
@@ -140,3 +144,12 @@ def test_optuna_sweep_maximises_validation_ndcg(tiny_processed_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = (tmp_path / "optuna" / "optimization_results.yaml").read_text()
     assert "best_value" in best and "maximize" in (Path(CONFIG_DIR) / "hparams_search" / "optuna.yaml").read_text()
+
+
+def test_gated_fusion_is_selectable_from_the_config(tiny_train_cfg):
+    cfg = tiny_train_cfg("model/fusion@model.item_tower.fusion=gated")
+    assert cfg.model.item_tower.fusion._target_.endswith("GatedSumFusion")
+    metrics = train(cfg)
+    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["config"]["item_tower"]["fusion"]["_target_"].endswith("GatedSumFusion")
+    assert any(k.startswith("item_tower.fusion.gate.") for k in ckpt["state_dict"])

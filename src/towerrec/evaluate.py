@@ -17,40 +17,24 @@ Writes into ``out_dir``:
 
 from __future__ import annotations
 
-import json
 import logging
-import math
+import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from towerrec import CONFIG_DIR
-from towerrec.data.datamodule import EvalSplit, SequenceDataModule
+from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
 from towerrec.evaluation.baselines import Baseline, rank
-from towerrec.evaluation.evaluator import evaluate_split, format_table, seen_pairs
-from towerrec.evaluation.metrics import score_topk
+from towerrec.evaluation.evaluator import format_table, score_split
+from towerrec.fileio import write_json
 
 log = logging.getLogger(__name__)
 
 Results = dict[str, dict[str, float]]
-
-
-def model_topk(model, split: EvalSplit, k: int, chunk_size: int) -> torch.Tensor:
-    """Top-k items of a trained two-tower model for the users of ``split``."""
-    device = model.item_tower.fusion_device
-    with torch.no_grad():
-        item_emb = model.item_tower.embed_all()  # (N+1, D)
-        user_emb = torch.cat(
-            [
-                model.user_embeddings(split.history[i : i + chunk_size].to(device), item_emb)
-                for i in range(0, len(split), chunk_size)
-            ]
-        )  # (U, D)
-        return score_topk(user_emb, item_emb, k, seen=seen_pairs(split.seen), chunk_size=chunk_size).cpu()
 
 
 def build_baselines(cfg: DictConfig | None) -> dict[str, Baseline]:
@@ -61,14 +45,6 @@ def build_baselines(cfg: DictConfig | None) -> dict[str, Baseline]:
         baseline = instantiate(cfg)
         return {baseline.name: baseline}
     return {name: instantiate(sub) for name, sub in cfg.items()}
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Results]:
@@ -89,26 +65,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     results: dict[str, Results] = {}
     if cfg.ckpt_path is not None:
         # Imported here so that baseline runs do not load the model code.
-        from towerrec.checkpoint import checkpoint_config, load_trained
+        from towerrec.models.checkpoint import load_trained
 
-        ensure_prepared(checkpoint_config(cfg.ckpt_path).data, workers=cfg.workers)
-        model, dm, _ = load_trained(cfg.ckpt_path, device=cfg.device)
-        split = getattr(dm, f"{cfg.split}_split")
-        topk = model_topk(model, split, max(ks), cfg.chunk_size)
-        results["two_tower"] = evaluate_split(
-            topk, split, dm.item_features.is_cold, dm.item_features.train_users, ks, cfg.segments
-        )
+        model, dm = load_trained(cfg.ckpt_path, device=cfg.device, force=cfg.get("force", False))
+        split = dm.eval_split(cfg.split)
+        topk = model.rank(split.history, max(ks), seen=split.seen, chunk_size=cfg.chunk_size).cpu()
+        results["two_tower"], _ = score_split(topk, split, dm.item_features, ks, cfg.segments)
     else:
         ensure_prepared(cfg.data, workers=cfg.workers)
         dm: SequenceDataModule = instantiate(cfg.datamodule)
         dm.setup()
-        split = getattr(dm, f"{cfg.split}_split")
+        split = dm.eval_split(cfg.split)
 
-    f = dm.item_features
     for name, baseline in build_baselines(baseline_cfg).items():
         log.info("fitting and ranking %s", name)
         topk = rank(baseline.fit(dm), split, max(ks), cfg.chunk_size)
-        results[name] = evaluate_split(topk, split, f.is_cold, f.train_users, ks, cfg.segments)
+        results[name], _ = score_split(topk, split, dm.item_features, ks, cfg.segments)
 
     meta = {
         "split": cfg.split,
@@ -119,9 +91,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     for name, res in results.items():
         target = out if len(results) == 1 else out / name
         target.mkdir(parents=True, exist_ok=True)
-        (target / "metrics.json").write_text(json.dumps(_json_safe({**res, "model": name, **meta}), indent=2))
+        write_json(target / "metrics.json", {**res, "model": name, **meta})
     if len(results) > 1:
-        (out / "metrics.json").write_text(json.dumps(_json_safe({"models": results, **meta}), indent=2))
+        write_json(out / "metrics.json", {"models": results, **meta})
 
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")] + [f"coverage@{max(ks)}"]
     main = {m: {s: r[s] for s in cfg.print_slices if s in r} for m, r in results.items()}
@@ -136,7 +108,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except ValueError as err:  # the user's own mistake (DataError, CheckpointError, a bad option): one line
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from towerrec import CONFIG_DIR
-from towerrec.retrieval.export import MANIFEST_FILE, ExportError, export_index
+from towerrec.retrieval.export import export_index
+from towerrec.retrieval.manifest import MANIFEST_FILE, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def _main(cfg: DictConfig) -> None:
             overwrite=cfg.overwrite,
             config=OmegaConf.to_container(cfg, resolve=True),
             warn_below=cfg.recall.warn_below,
+            force=cfg.force,
         )
     except (ExportError, ValueError) as err:
         log.error("%s", err)

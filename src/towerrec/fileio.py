@@ -151,8 +151,14 @@ def write_json(path: str | os.PathLike, value: Any, indent: int = 2) -> Path:
     return path
 
 
-def markdown_table(rows: pd.DataFrame | list[dict], floatfmt: str = ".4f", missing: str = "–") -> str:
-    """A GitHub markdown table (``DataFrame.to_markdown``), floats with ``floatfmt``, NaN as ``missing``."""
+def markdown_table(
+    rows: pd.DataFrame | list[dict], floatfmt: str = ".4f", missing: str = "–", numparse: bool = True
+) -> str:
+    """A GitHub markdown table (``DataFrame.to_markdown``), floats with ``floatfmt``, NaN as ``missing``.
+
+    Args:
+        numparse: align and format number-like strings as numbers; False keeps every string as written.
+    """
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     df = df.astype(object).where(df.notna(), None)  # tabulate writes None as ``missing``, NaN as "nan"
-    return df.to_markdown(index=False, floatfmt=floatfmt, missingval=missing)
+    return df.to_markdown(index=False, floatfmt=floatfmt, missingval=missing, disable_numparse=not numparse)

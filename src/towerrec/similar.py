@@ -12,8 +12,8 @@ import json
 import logging
 import sys
 
-from towerrec.retrieval.export import ExportError
-from towerrec.retrieval.load import UnknownItemError, load_export
+from towerrec.fileio import markdown_table
+from towerrec.retrieval import ExportError, UnknownItemError, load_export
 
 
 def _ids(text: str) -> list[str]:
@@ -41,16 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _table(hits: list[dict]) -> str:
-    head = ["#", "item_id", "score", "cold", "title"]
-    if hits and "because" in hits[0]:
-        head.append("because")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for rank, h in enumerate(hits, 1):
-        row = [str(rank), h["item_id"], f"{h['score']:.4f}", "cold" if h["is_cold"] else "", h["title"]]
-        if "because" in head:
-            row.append(h["because"])
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    rows = [
+        {
+            "#": rank,
+            "item_id": h["item_id"],
+            "score": h["score"],
+            "cold": "cold" if h["is_cold"] else "",
+            "title": h["title"],
+            **({"because": h["because"]} if "because" in h else {}),
+        }
+        for rank, h in enumerate(hits, 1)
+    ]
+    return markdown_table(rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,77 +1,95 @@
-"""``towerrec-train``: instantiate -> fit -> test with the best checkpoint -> ``metrics.json``.
+"""``towerrec-train``: instantiate -> fit -> test the best checkpoint -> ``metrics.json``.
 
 The run folder also gets ``test_per_user.parquet``: each test user's metrics in the item slices.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
+import pandas as pd
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from towerrec import CONFIG_DIR
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
-from towerrec.evaluation.evaluator import format_table
+from towerrec.data.schema import DataError
+from towerrec.evaluation.evaluator import format_table, score_split
+from towerrec.fileio import write_json
+from towerrec.models.checkpoint import CheckpointError, load_trained, read_checkpoint
 from towerrec.models.two_tower import TwoTowerModule
 
 log = logging.getLogger(__name__)
 
 
-def build(cfg: DictConfig) -> tuple[SequenceDataModule, TwoTowerModule]:
-    """Seed, prepare the data if needed, and instantiate the DataModule and the model for it."""
+def build(cfg: DictConfig) -> tuple[SequenceDataModule, TwoTowerModule, DictConfig]:
+    """Seed, prepare the data if needed, and instantiate the DataModule and the model for it.
+
+    Returns:
+        The DataModule, the model and the run config: a copy of ``cfg`` with the data's sizes
+        (``model.meta``) filled in.
+    """
     L.seed_everything(cfg.seed, workers=True)
     ensure_prepared(cfg.data, workers=cfg.workers)  # a no-op when the manifest is current
     dm = instantiate(cfg.datamodule)
     dm.setup()
-    with open_dict(cfg):
-        cfg.model.meta = dm.meta
-    model = instantiate(cfg.model)
-    model.attach_features(dm.item_features)
-    return dm, model
+    run_cfg = cfg.copy()
+    OmegaConf.set_struct(run_cfg, False)
+    run_cfg.model.meta = dm.meta
+    return dm, TwoTowerModule.from_config(run_cfg.model), run_cfg
+
+
+def test_checkpoint(ckpt_path: str, split: str, ks: list[int], device: str | torch.device = "cpu") -> tuple[dict, pd.DataFrame]:
+    """Reload ``ckpt_path`` through the one checkpoint loader and score ``split`` by full ranking."""
+    model, dm = load_trained(ckpt_path, device=device)
+    s = dm.eval_split(split)
+    topk = model.rank(s.history, max(ks), seen=s.seen, chunk_size=dm.eval_batch_size)
+    return score_split(topk.cpu(), s, dm.item_features, ks)
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train, test the checkpoint with the best validation NDCG, write ``metrics.json``."""
-    dm, model = build(cfg)
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    """Train, test the checkpoint with the best validation metric, write ``metrics.json``."""
+    if cfg.ckpt_path is not None:
+        read_checkpoint(cfg.ckpt_path)  # refuses a file holding pickled objects, in one line
+    dm, model, run_cfg = build(cfg)
 
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams(OmegaConf.to_container(run_cfg, resolve=True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path)
-
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-    if trainer.world_size > 1:  # test the whole split in one process
-        if trainer.global_rank != 0:
-            return {}
-        trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_progress_bar=False)
-    trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
+    if best is None:  # no checkpoint callback: save the final weights to test them the same way
+        best = str(out / "checkpoints" / "final.ckpt")
+        trainer.save_checkpoint(best)  # (every rank takes part)
+    if trainer.global_rank != 0:  # rank 0 tests the whole split in one process
+        return {}
 
+    ks = sorted(int(k) for k in cfg.model.ks)
+    test, per_user = test_checkpoint(best, "test", ks, trainer.strategy.root_device)
     val_best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
     metrics = {
-        "test": model.test_results,
+        "test": test,
         "val": {"best_" + ckpt.monitor.replace("val/", ""): val_best} if ckpt is not None else {},
         "best_checkpoint": best,
         "seed": cfg.seed,
         "data": {"name": cfg.data.name, "split": dm.manifest["split"], "config_hash": dm.manifest["config_hash"]},
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if model.test_per_user is not None:  # for intervals pooled over seeds (towerrec-reproduce)
-        model.test_per_user.to_parquet(out / "test_per_user.parquet", index=False)
-    cols = [f"{m}@{k}" for k in cfg.model.ks for m in ("recall", "ndcg")]
-    slices = {s: model.test_results[s] for s in cfg.print_slices if s in model.test_results}
+    write_json(out / "metrics.json", metrics)
+    per_user.to_parquet(out / "test_per_user.parquet", index=False)  # for intervals pooled over seeds
+    cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
+    slices = {s: test[s] for s in cfg.print_slices if s in test}
     print(f"\nbest val {ckpt.monitor if ckpt else ''}: {val_best}  checkpoint: {best}")
     print(f"test ({dm.manifest['split']['method']} split, seed {cfg.seed}):\n" + format_table({cfg.data.name: slices}, cols))
     print(f"metrics: {out / 'metrics.json'}")
@@ -80,7 +98,11 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except (DataError, CheckpointError) as err:  # the user's own mistake: one line, no traceback
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
     return next(iter(metrics.get("val", {}).values()), None)  # the value optuna maximises
 
 

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from towerrec.data.datamodule import ItemFeatures
-from towerrec.evaluation.baselines import content_features
+from towerrec.data.features import ItemFeatures, content_features
 from towerrec.models.components.content_encoder import ContentEncoder
 from towerrec.models.components.content_sketch import ContentSketch
 from towerrec.models.components.fusion import ConcatMLPFusion, GatedSumFusion

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from towerrec.checkpoint import load_trained
+from towerrec.models.checkpoint import load_trained
 from towerrec.retrieval import ExportError, UnknownItemError, export_index, load_export
-from towerrec.retrieval.export import manifest_digest
+from towerrec.retrieval.manifest import manifest_digest
 from towerrec.retrieval.index import measure_recall
 
 from .conftest import INDEX_CONFIGS, index_spec, train_tiny
@@ -49,7 +49,7 @@ def test_round_trip(exports, name):
 
 def test_export_holds_every_item_and_cold_items_skip_their_id_embedding(exports, tiny_ckpt):
     index = load_export(exports["flat"])
-    model, dm, _ = load_trained(tiny_ckpt)
+    model, dm = load_trained(tiny_ckpt)
     items = index.items
     assert items["item_id"].tolist() == dm.items.sort_values("item_idx")["item_id"].astype(str).tolist()
     assert items["is_cold"].sum() == dm.items["is_cold"].sum() > 0  # never-bought items are in
@@ -178,7 +178,7 @@ def test_export_with_content_sketch_serves_the_models_own_scores(tmp_path):
     out = export_index(ckpt, index_spec("flat"), tmp_path / "export", n_queries=50)
     index = load_export(out)
     assert index.manifest["dim"] == 16 + 32 and index.embeddings.shape == (150, 48)
-    model, dm, _ = load_trained(ckpt)
+    model, dm = load_trained(ckpt)
     item_emb = model.item_tower.embed_all()
     assert np.allclose(index.embeddings, item_emb[1:].numpy(), atol=1e-5)  # already unit norm
     history = dm.test_split.history[:3]

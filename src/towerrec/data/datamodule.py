@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -14,29 +14,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from towerrec.data.features import ItemFeatures
 from towerrec.data.image_cache import load_image_cache
+from towerrec.data.splits import EVAL_SPLITS, history_splits
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ItemFeatures:
-    """Per-item tensors for the item tower, row ``i`` = item index ``i`` (row 0 is padding)."""
-
-    images: Tensor  # (N+1, S, S, 3) uint8
-    has_image: Tensor  # (N+1,) bool
-    categorical: Tensor  # (N+1, F) long, 0 = unknown
-    text: Tensor  # (N+1, T) long, 0 = padding
-    is_cold: Tensor  # (N+1,) bool: no training interaction
-    train_count: Tensor  # (N+1,) long: training interactions
-    train_users: Tensor  # (N+1,) long: distinct training users
-    cardinalities: list[int] = field(default_factory=list)
-    text_buckets: int = 1
-    sentence: Tensor | None = None  # optional precomputed sentence-model features (N+1, Ds)
-
-    @property
-    def num_items(self) -> int:
-        return self.images.shape[0] - 1
 
 
 @dataclass
@@ -180,6 +162,8 @@ class SequenceDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        # Plain values: a checkpoint records them, so the data of a trained model can be rebuilt.
+        self.save_hyperparameters(logger=False)
         self.processed_dir = Path(processed_dir)
         self.max_len = max_len
         self.batch_size = batch_size
@@ -210,7 +194,7 @@ class SequenceDataModule(L.LightningDataModule):
             if sentence.shape[0] != n + 1:
                 raise ValueError(f"{self.sentence_features}: {sentence.shape[0]} rows, expected {n + 1} (items + padding)")
         self.item_features = ItemFeatures(
-            images=torch.from_numpy(np.array(load_image_cache(d / "images.npy"))),
+            images=torch.from_numpy(load_image_cache(d / "images.npy")),  # memory-mapped, not copied
             has_image=torch.from_numpy(np.r_[False, self.items["has_image"].to_numpy()]),
             categorical=torch.from_numpy(np.load(d / "item_categorical.npy")),
             text=torch.from_numpy(np.load(d / "item_text.npy")),
@@ -225,16 +209,17 @@ class SequenceDataModule(L.LightningDataModule):
         tr = self.interactions[split == "train"]
         x, y = train_windows(tr["user_idx"].to_numpy(), tr["item_idx"].to_numpy(), self.max_len)
         self.train_data = _BatchDataset(inputs=torch.from_numpy(x), targets=torch.from_numpy(y))
-        self.val_split = self._eval_split("val", history_splits=("train",))
-        self.test_split = self._eval_split("test", history_splits=("train", "val"))
+        self.val_split = self._eval_split("val")
+        self.test_split = self._eval_split("test")
         self._loaded = True
         log.info("train windows %d, val users %d, test users %d", len(x), len(self.val_split), len(self.test_split))
 
     @property
     def meta(self) -> dict:
-        """Sizes the model's components need, read from the processed data."""
+        """Sizes the model's components need, read from the processed data, and the data's hash."""
         f = self.item_features
         return {
+            "config_hash": self.manifest.get("config_hash"),
             "num_items": f.num_items,
             "categorical_cardinalities": f.cardinalities,
             "text_buckets": f.text_buckets,
@@ -242,13 +227,19 @@ class SequenceDataModule(L.LightningDataModule):
             "sentence_dim": int(f.sentence.shape[1]) if f.sentence is not None else 0,
         }
 
-    def _eval_split(self, name: str, history_splits: tuple[str, ...]) -> EvalSplit:
+    def eval_split(self, name: str) -> EvalSplit:
+        """The set-up :class:`EvalSplit` ``"val"`` or ``"test"``."""
+        if name not in EVAL_SPLITS:
+            raise ValueError(f"unknown evaluation split {name!r}: expected one of {list(EVAL_SPLITS)}")
+        return getattr(self, f"{name}_split")
+
+    def _eval_split(self, name: str) -> EvalSplit:
         inter = self.interactions
         split = inter["split"].to_numpy()
         held = inter[split == name].drop_duplicates(["user_idx", "item_idx"])  # distinct targets
         users = np.unique(held["user_idx"].to_numpy())
         code = pd.Series(np.arange(len(users)), index=users)
-        hist = inter[np.isin(split, history_splits) & inter["user_idx"].isin(users).to_numpy()]
+        hist = inter[np.isin(split, history_splits(name)) & inter["user_idx"].isin(users).to_numpy()]
         hcode = code.loc[hist["user_idx"].to_numpy()].to_numpy()
         hitems = hist["item_idx"].to_numpy()
         tcode = code.loc[held["user_idx"].to_numpy()].to_numpy()

@@ -110,5 +110,6 @@ def build_image_cache(
 
 
 def load_image_cache(path: str | Path) -> np.ndarray:
-    """Open ``images.npy`` memory-mapped, read-only."""
-    return np.load(path, mmap_mode="r")
+    """Open ``images.npy`` memory-mapped, copy-on-write: pages are read from the file on demand and
+    shared by every process that maps it; a write would stay private and never reach the file."""
+    return np.load(path, mmap_mode="c")

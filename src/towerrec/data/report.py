@@ -29,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from towerrec.data.prepare import SPLITS, read_manifest
+from towerrec.fileio import markdown_table
 
 LIFECYCLE = ("new", "active", "lapsing", "no_history")
 RFM = (("rfm_r", "R"), ("rfm_f", "F"), ("rfm_m", "M"))
@@ -297,18 +298,16 @@ def _pct(x: float) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(str(c) for c in r) + " |" for r in rows),
-    ]
+    # Cells are formatted strings already: keep them as written.
+    return markdown_table(pd.DataFrame([[str(c) for c in r] for r in rows], columns=header), numparse=False).splitlines()
 
 
 def _reasons(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {v:,}" for k, v in d.items()) if d else "none"
 
 
-def _markdown(s: dict[str, Any]) -> str:
+def _headline(s: dict[str, Any]) -> list[str]:
+    """The title, the headline table of sizes and the split dates."""
     sp, split = s["splits"], s["split"]
     if split.get("method") == "temporal":
         cut = f"temporal: val from {split.get('val_start')}, test from {split.get('test_start')}"
@@ -355,9 +354,13 @@ def _markdown(s: dict[str, Any]) -> str:
         lines += _table(
             ["split", "first", "last"], [[k, v["start"], v["end"]] for k, v in s["split_dates"].items()]
         ) + [""]
+    return lines
 
+
+def _distributions(s: dict[str, Any]) -> list[str]:
+    """History lengths and item popularity, with their plots."""
     h, p = s["history"], s["popularity"]
-    lines += [
+    return [
         "## History length",
         "",
         f"Training interactions per user: median {h['median']:g}, mean {h['mean']:.1f}, 90th percentile "
@@ -379,8 +382,12 @@ def _markdown(s: dict[str, Any]) -> str:
         "distinct (user, item) pairs of a split, as in the evaluation.",
         "",
     ]
+
+
+def _cold(s: dict[str, Any]) -> list[str]:
+    """The cold share of each held-out split."""
     c = s["cold"]
-    lines += _table(
+    lines = _table(
         ["", *HELD_OUT],
         [
             ["interactions", *(f"{c[k]['interactions']:,}" for k in HELD_OUT)],
@@ -406,10 +413,12 @@ def _markdown(s: dict[str, Any]) -> str:
             ],
         ],
     )
-    lines += [
-        "",
-        "![cold share](cold_share.png)",
-        "",
+    return [*lines, "", "![cold share](cold_share.png)", ""]
+
+
+def _segments(s: dict[str, Any]) -> list[str]:
+    """Each customer-segment column: users and test users per level."""
+    lines = [
         "## Customer segments",
         "",
         "Computed from training data only (see `customer_segments` in `towerrec.data.prepare`); "
@@ -432,8 +441,11 @@ def _markdown(s: dict[str, Any]) -> str:
                 for k in levels
             ],
         ) + [""]
-    lines += ["![segments](segments.png)", ""]
-    return "\n".join(lines)
+    return [*lines, "![segments](segments.png)", ""]
+
+
+def _markdown(s: dict[str, Any]) -> str:
+    return "\n".join([*_headline(s), *_distributions(s), *_cold(s), *_segments(s)])
 
 
 def write_report(processed_dir: str | Path, out_dir: str | Path) -> Path:

@@ -20,7 +20,6 @@ ties within each range fall to ``topk_items``' rule (lower item index first).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Literal
 
@@ -30,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from towerrec.data.datamodule import EvalSplit, ItemFeatures, SequenceDataModule
+from towerrec.data.datamodule import EvalSplit, SequenceDataModule
+from towerrec.data.features import content_features, image_features, sparse
+from towerrec.data.splits import EVAL_SPLITS, history_splits
 from towerrec.evaluation.evaluator import seen_pairs
 from towerrec.evaluation.metrics import PAD, topk_from_scorer
 
 Count = Literal["events", "units"]
 
-#: The interactions before each evaluation split's cut (as in ``SequenceDataModule.setup``).
-HISTORY_SPLITS: dict[str, tuple[str, ...]] = {"val": ("train",), "test": ("train", "val")}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -54,10 +53,8 @@ def rank(baseline: Baseline, split: EvalSplit, k: int, chunk_size: int = 1024) -
 
 def history_before_cut(dm: SequenceDataModule, split_name: str) -> pd.DataFrame:
     """The interactions before ``split_name``'s cut, sorted by user then time (stable)."""
-    if split_name not in HISTORY_SPLITS:
-        raise ValueError(f"unknown evaluation split {split_name!r}: expected one of {list(HISTORY_SPLITS)}")
     inter = dm.interactions
-    return inter[inter["split"].isin(HISTORY_SPLITS[split_name]).to_numpy()]
+    return inter[inter["split"].isin(history_splits(split_name)).to_numpy()]
 
 
 def item_counts(table: pd.DataFrame, n_items: int, units: bool = False) -> Tensor:
@@ -110,11 +107,6 @@ def history_weights(history: Tensor, n_items: int, recent: int | None = None, bi
     w.scatter_add_(1, history, torch.ones_like(history, dtype=torch.float))
     w[:, PAD] = 0.0
     return (w > 0).float() if binary else w
-
-
-def sparse(indices: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    """A coalesced sparse COO matrix; duplicate indices are summed."""
-    return torch.sparse_coo_tensor(indices, values, size, check_invariants=False).coalesce()
 
 
 def times(weights: Tensor, matrix_t: Tensor) -> Tensor:
@@ -195,7 +187,7 @@ class RecentPopularity(Baseline):
         self.counts: dict[str, Tensor] = {}
 
     def fit(self, dm: SequenceDataModule) -> RecentPopularity:
-        self.counts = {name: recent_counts(dm, name, self.days, self.units) for name in HISTORY_SPLITS}
+        self.counts = {name: recent_counts(dm, name, self.days, self.units) for name in EVAL_SPLITS}
         return self
 
     def score(self, split: EvalSplit, rows: Tensor) -> Tensor:
@@ -235,7 +227,8 @@ class Repurchase(Baseline):
         self.own: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
     def fit(self, dm: SequenceDataModule) -> Repurchase:
-        for name, split in (("val", dm.val_split), ("test", dm.test_split)):
+        for name in EVAL_SPLITS:
+            split = dm.eval_split(name)
             self.fill[name] = below_one(recent_counts(dm, name, self.days, self.units))
             hist = history_before_cut(dm, name)
             row_of = pd.Series(np.arange(len(split)), index=split.user_idx.numpy())
@@ -358,58 +351,6 @@ class ItemKNN(Baseline):
             w = history_weights(history, n, binary=True)
         sim = times(w, self.sim_t)  # (b, N+1)
         return torch.where(sim > 0, sim, self.fill.expand_as(sim))
-
-
-# ----------------------------------------------------------------------------- content features
-def image_features(images: Tensor, has_image: Tensor, chunk_size: int = 2048) -> Tensor:
-    """``(N+1, 8*8*3 + 64)`` raw image features: an 8x8 thumbnail and a 4x4x4 colour histogram.
-
-    Each part is centred on the catalogue mean (photos share a background, which would otherwise
-    dominate every cosine) and L2-normalised; items without an image get a zero vector.
-    """
-    parts = []
-    levels = torch.tensor([16, 4, 1], dtype=torch.uint8)
-    for start in range(0, images.shape[0], chunk_size):
-        x = images[start : start + chunk_size].permute(0, 3, 1, 2).float() / 255.0  # (b, 3, S, S)
-        thumb = F.adaptive_avg_pool2d(x, 8).flatten(1)  # (b, 192)
-        q = images[start : start + chunk_size] >> 6  # (b, S, S, 3), 4 levels per channel
-        code = (q * levels).sum(-1, dtype=torch.uint8).flatten(1).long()  # (b, S*S) colour bin
-        hist = torch.zeros(len(code), 64).scatter_add_(1, code, torch.ones_like(code, dtype=torch.float))
-        parts.append((thumb, hist / code.shape[1]))
-    thumb = torch.cat([p[0] for p in parts])
-    hist = torch.cat([p[1] for p in parts])
-    valid = has_image.clone()
-    valid[PAD] = False
-    out = []
-    for f in (thumb, hist):
-        if valid.any():
-            f = f - f[valid].mean(dim=0)
-        out.append(F.normalize(f, dim=-1))
-    return torch.where(valid[:, None], torch.cat(out, dim=1) / math.sqrt(2.0), 0.0)
-
-
-def content_features(features: ItemFeatures) -> Tensor:
-    """``(N+1, sum(cardinalities) + text_buckets)`` sparse TF-IDF rows: one-hot categories + hashed tokens.
-
-    Unknown categories (code 0) and text padding are left out; rows are L2-normalised, so an item
-    without metadata has a zero row.
-    """
-    cat, text = features.categorical, features.text
-    n = cat.shape[0]
-    offsets = torch.tensor([0, *features.cardinalities[:-1]]).cumsum(0)
-    rows = [torch.arange(n).repeat_interleave(cat.shape[1]), torch.arange(n).repeat_interleave(text.shape[1])]
-    cols = [(cat + offsets).reshape(-1), text.reshape(-1) + sum(features.cardinalities)]
-    known = [cat.reshape(-1) > 0, text.reshape(-1) > 0]
-    r = torch.cat([x[k] for x, k in zip(rows, known, strict=True)])
-    c = torch.cat([x[k] for x, k in zip(cols, known, strict=True)])
-    dim = sum(features.cardinalities) + features.text_buckets
-    tf = sparse(torch.stack([r, c]), torch.ones(len(r)), (n, dim))
-    i, j = tf.indices()
-    df = torch.bincount(j, minlength=dim).float()
-    v = tf.values() * (torch.log((1.0 + n) / (1.0 + df[j])) + 1.0)
-    norm = torch.zeros(n).index_add_(0, i, v * v).sqrt()
-    v = v / norm[i].clamp(min=1e-12)
-    return sparse(torch.stack([i, j]), v, (n, dim))
 
 
 class ContentKNN(Baseline):

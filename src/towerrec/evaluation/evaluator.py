@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from towerrec.data.features import ItemFeatures
 from towerrec.evaluation.metrics import (
     PAD,
     aggregate,
@@ -23,6 +24,7 @@ from towerrec.evaluation.metrics import (
     popularity_percentile_at_k,
     rank_metrics,
 )
+from towerrec.fileio import markdown_table
 
 #: The item slices every result has; each also gets a bootstrap interval of its recall and NDCG.
 ITEM_SLICES = ("all", "warm_items", "cold_items")
@@ -130,11 +132,27 @@ def evaluate_split(
     return out
 
 
+def score_split(
+    topk: Tensor, split, features: ItemFeatures, ks: list[int], segments: bool = True
+) -> tuple[dict[str, dict[str, float]], pd.DataFrame]:
+    """Metrics of one ranking of ``split`` by slice (:func:`evaluate_split`), and each user's values.
+
+    Every scorer reports through here: ``towerrec-train``'s test of the selected checkpoint,
+    ``towerrec-eval``'s models and baselines.
+
+    Returns:
+        ``(results, per_user)``: ``{slice: {metric@k: value}}`` and :func:`per_user_frame` of the item slices.
+    """
+    per_slice = item_slices_per_user(topk, split, features.is_cold, ks)
+    results = evaluate_split(topk, split, features.is_cold, features.train_users, ks, segments, per_slice)
+    return results, per_user_frame(per_slice, split.user_idx.cpu().numpy())
+
+
 def format_table(results: dict[str, dict[str, dict[str, float]]], metrics: list[str]) -> str:
     """A markdown table: one row per (model, slice), one column per metric."""
-    lines = ["| model | slice | users | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 3)]
-    for model, slices in results.items():
-        for sl, vals in slices.items():
-            cells = [f"{vals[m]:.4f}" if m in vals and vals[m] == vals[m] else "–" for m in metrics]
-            lines.append(f"| {model} | {sl} | {vals.get('users', '')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        {"model": model, "slice": sl, "users": vals.get("users", ""), **{m: vals.get(m, math.nan) for m in metrics}}
+        for model, slices in results.items()
+        for sl, vals in slices.items()
+    ]
+    return markdown_table(pd.DataFrame(rows, columns=["model", "slice", "users", *metrics]))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from towerrec.evaluation.evaluator import evaluate_split, item_slices_per_user, per_user_frame, seen_pairs
+from towerrec.evaluation.evaluator import seen_pairs
 from towerrec.evaluation.metrics import aggregate, rank_metrics, score_topk
 from towerrec.models.components.item_tower import ItemTower
 from towerrec.models.components.loss import SampledSoftmaxLoss
@@ -32,6 +32,10 @@ class TwoTowerModule(L.LightningModule):
         meta: the data sizes the components were built for (recorded with the hyperparameters).
         id_dropout_side: ``"both"`` drops an item's ID for its history and candidate uses alike (one
             draw per batch); ``"candidates"`` keeps history IDs and drops only on the scored side.
+
+    A module built by :meth:`from_config` records its resolved config in ``hparams["config"]``;
+    Lightning saves it with every checkpoint, so a checkpoint of ``towerrec-train`` or of any
+    ``Trainer.fit`` rebuilds the module (:mod:`towerrec.models.checkpoint`).
     """
 
     def __init__(
@@ -54,22 +58,33 @@ class TwoTowerModule(L.LightningModule):
         if isinstance(meta, DictConfig):
             meta = OmegaConf.to_container(meta, resolve=True)
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters({"ks": list(ks), "monitor_k": monitor_k, "dim": dim, "meta": meta}, logger=False)
+        self.save_hyperparameters(
+            {"ks": list(ks), "monitor_k": monitor_k, "dim": dim, "meta": meta}, logger=False
+        )
         self.optimizer = optimizer
         self.scheduler = scheduler
-        #: The resolved run config, stored in every checkpoint so an export can rebuild the model.
-        self.run_config: dict | None = None
         self.item_tower = item_tower
         self.user_tower = user_tower
         self.loss_fn = loss
         self.ks = sorted(int(k) for k in ks)
         self.monitor_k = monitor_k
         self.register_buffer("item_freq", None, persistent=False)
-        self.test_results: dict = {}
-        #: Per-user test metrics of the item slices (``towerrec-train`` writes them to ``test_per_user.parquet``).
-        self.test_per_user = None
         self._eval_emb: Tensor | None = None
-        self._topk: list[Tensor] = []
+        self._test_metrics: list[dict[str, Tensor]] = []
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict) -> TwoTowerModule:
+        """Build the module from a model config (``configs/model/two_tower.yaml`` and overrides, with
+        ``meta`` filled in from the data) and record the resolved config in its hyperparameters.
+
+        Args:
+            cfg: the model config, with ``_target_``: a node of the run config (its interpolations
+                are resolved there) or an already resolved dict, such as a checkpoint holds.
+        """
+        resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        module = instantiate(resolved)
+        module.hparams["config"] = resolved  # saved with every checkpoint (Lightning stores hparams)
+        return module
 
     # ------------------------------------------------------------------ features
     def attach_features(self, features) -> None:
@@ -91,12 +106,11 @@ class TwoTowerModule(L.LightningModule):
         The user tower reads the learned part of the item vectors. With a content sketch, the query
         is ``[user tower output, weighted mean sketch of the recent items]``, normalised.
         """
-        d = self.item_tower.dim
-        h = F.normalize(self.user_tower(hist_emb[..., :d], pad), dim=-1)  # (B, L, D), causal
-        sketch = self.item_tower.sketch
-        if sketch is None:
+        tower = self.item_tower
+        h = F.normalize(self.user_tower(tower.learned_part(hist_emb), pad), dim=-1)  # (B, L, D), causal
+        if tower.sketch is None:
             return h
-        s = sketch.user(hist_emb[..., d:] * math.sqrt(2.0), pad)[:, -h.shape[1] :]  # (the transformer keeps max_len)
+        s = tower.sketch.user(tower.sketch_part(hist_emb), pad)[:, -h.shape[1] :]  # (the transformer keeps max_len)
         return F.normalize(torch.cat([h, s], dim=-1), dim=-1)
 
     def user_embeddings(self, history: Tensor, item_emb: Tensor | None = None) -> Tensor:
@@ -131,42 +145,67 @@ class TwoTowerModule(L.LightningModule):
         return loss
 
     # ------------------------------------------------------------------ evaluation
-    def _start_eval(self) -> None:
-        self._eval_emb = self.item_tower.embed_all()  # (N+1, D), eval mode: no ID dropout
-        self._topk = []
+    @torch.no_grad()
+    def rank(
+        self,
+        history: Tensor,
+        k: int,
+        seen: Tensor | None = None,
+        item_emb: Tensor | None = None,
+        chunk_size: int = 1024,
+    ) -> Tensor:
+        """Top-k items over the whole catalogue for ``(U, L)`` left-padded histories: the one ranking path.
 
-    def _eval_step(self, batch: dict[str, Tensor]) -> None:
-        user = self.user_embeddings(batch["history"], self._eval_emb)  # (B, D)
-        seen = seen_pairs(batch.get("seen"))
-        self._topk.append(score_topk(user, self._eval_emb, max(self.ks), seen=seen))
+        Validation, testing, ``towerrec-eval`` and the export's recall check all rank through here.
+        Scores are dot products of unit-norm vectors; ties follow the fixed random item order
+        (:func:`~towerrec.evaluation.metrics.tie_order`); padding is never recommended.
+
+        Args:
+            history: item indices, most recent last.
+            k: items per user.
+            seen: ``(U, S)`` right-padded items masked per user (already bought), or None.
+            item_emb: ``(N+1, D')`` item vectors, when the caller has them (eval mode, no ID dropout).
+            chunk_size: users embedded and scored at once.
+
+        Returns:
+            ``(U, k)`` long item indices, best first, on the device of the item vectors.
+        """
+        item_emb = self.item_tower.embed_all() if item_emb is None else item_emb
+        device = item_emb.device
+        if len(history) == 0:
+            return torch.empty(0, k, dtype=torch.long, device=device)
+        users = torch.cat(
+            [self.user_embeddings(history[i : i + chunk_size].to(device), item_emb) for i in range(0, len(history), chunk_size)]
+        )  # (U, D')
+        return score_topk(users, item_emb, k, seen=seen_pairs(seen), chunk_size=chunk_size)
+
+    def _eval_metrics(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        topk = self.rank(batch["history"], max(self.ks), seen=batch.get("seen"), item_emb=self._eval_emb)
+        return rank_metrics(topk, batch["targets"], self.ks)
 
     def on_validation_epoch_start(self) -> None:
-        self._start_eval()
+        self._eval_emb = self.item_tower.embed_all()  # (N+1, D), eval mode: no ID dropout
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
-        per_user = rank_metrics(self._topk[-1], batch["targets"], self.ks)
-        for name, value in aggregate(per_user).items():
+        for name, value in aggregate(self._eval_metrics(batch)).items():
             if name != "users":
                 self.log(f"val/{name}", value, batch_size=len(batch["targets"]), sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
-        self._start_eval()
+        self._eval_emb = self.item_tower.embed_all()
+        self._test_metrics = []
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._test_metrics.append(self._eval_metrics(batch))
 
     def on_test_epoch_end(self) -> None:
-        dm = self.trainer.datamodule
-        topk = torch.cat(self._topk)
-        f = dm.item_features
-        per_slice = item_slices_per_user(topk, dm.test_split, f.is_cold, self.ks)
-        self.test_results = evaluate_split(topk, dm.test_split, f.is_cold, f.train_users, self.ks, per_slice=per_slice)
-        self.test_per_user = per_user_frame(per_slice, dm.test_split.user_idx.cpu().numpy())
-        for name, value in self.test_results["all"].items():
-            if "_lo@" not in name and "_hi@" not in name:
-                self.log(f"test/{name}", float(value))
-        self._topk = []
+        """Log ``test/<metric>@k`` over all test users (``trainer.test`` returns them). The slices
+        (warm and cold items, segments) come from :func:`towerrec.evaluation.evaluator.score_split`."""
+        per_user = {name: torch.cat([m[name] for m in self._test_metrics]) for name in self._test_metrics[0]}
+        for name, value in aggregate(per_user).items():
+            if name != "users":
+                self.log(f"test/{name}", value)
+        self._test_metrics = []
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
@@ -174,6 +213,3 @@ class TwoTowerModule(L.LightningModule):
         if self.scheduler is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(optimizer=opt), "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["towerrec_config"] = self.run_config

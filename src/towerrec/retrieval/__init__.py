@@ -1,14 +1,36 @@
 """Retrieval: export item embeddings to FAISS, load and verify the export, query it.
 
 ``towerrec-export`` writes an export folder (:mod:`towerrec.retrieval.export`); :func:`load_export`
-reads it back after checking it against its manifest; :class:`ItemIndex` answers item -> items and
-history -> items queries.
+reads it back after checking it against its manifest (:mod:`towerrec.retrieval.manifest`);
+:class:`ItemIndex` answers item -> items queries and, through :class:`Recommender`, history -> items.
+
+Importing this package, loading an export and querying it item to item load neither Lightning nor
+the model code: :func:`export_index` and :class:`Recommender` (which need the trained model) are
+imported on first use.
 """
 
-from towerrec.retrieval.export import ExportError, export_index
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from towerrec.retrieval.hits import Hit, UnknownItemError
 from towerrec.retrieval.index import IndexSpec, build_index, select_faiss_device
-from towerrec.retrieval.load import Hit, ItemIndex, UnknownItemError, load_export
-from towerrec.retrieval.recommend import Recommender
+from towerrec.retrieval.load import ItemIndex, load_export
+from towerrec.retrieval.manifest import ExportError
+
+if TYPE_CHECKING:
+    from towerrec.retrieval.export import export_index
+    from towerrec.retrieval.recommend import Recommender
+
+_DEFERRED = {"export_index": "towerrec.retrieval.export", "Recommender": "towerrec.retrieval.recommend"}
+
+
+def __getattr__(name: str):
+    if name in _DEFERRED:
+        return getattr(importlib.import_module(_DEFERRED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ExportError",

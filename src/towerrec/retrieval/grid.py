@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from towerrec.retrieval.load import Hit, ItemIndex
+from towerrec.retrieval.hits import Hit
+from towerrec.retrieval.load import ItemIndex
 
 QUERY_COLOUR = "#1f77b4"
 COLD_COLOUR = "#d62728"

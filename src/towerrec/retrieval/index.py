@@ -84,6 +84,15 @@ class IndexSpec:
         return inner if inner.startswith("IDMap") else f"IDMap2,{inner}"
 
 
+_OFF = ("false", "no", "off", "0", "cpu", "none")
+_ON = ("auto", "true", "yes", "on", "1", "gpu")
+
+
+def gpu_off(requested: bool | str | None) -> bool:
+    """True when a ``gpu`` setting (a bool, or a string such as ``false``/``off``/``cpu``) asks for no GPU."""
+    return str(requested).strip().lower() in _OFF
+
+
 def select_faiss_device(requested: bool | str, num_gpus: int, factory: str) -> tuple[str, str]:
     """Where to build and search an index: ``("cpu" | "gpu", reason)``.
 
@@ -92,10 +101,9 @@ def select_faiss_device(requested: bool | str, num_gpus: int, factory: str) -> t
         num_gpus: ``faiss.get_num_gpus()``; 0 with the faiss-cpu package.
         factory: the factory string, to spot index types FAISS has no GPU version of.
     """
-    value = str(requested).strip().lower()
-    if value in ("false", "no", "off", "0", "cpu", "none"):
+    if gpu_off(requested):
         return "cpu", "CPU requested (gpu: false)"
-    if value not in ("auto", "true", "yes", "on", "1", "gpu"):
+    if str(requested).strip().lower() not in _ON:
         raise ValueError(f"gpu must be auto, true or false, got {requested!r}")
     if num_gpus <= 0:
         return "cpu", "no GPU visible to FAISS (faiss-cpu build or no device); building on CPU"

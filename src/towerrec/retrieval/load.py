@@ -2,57 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 import pandas as pd
 
-from towerrec.checkpoint import file_sha256
-from towerrec.retrieval.export import (
-    EMBEDDINGS_FILE,
-    FORMAT,
-    INDEX_FILE,
-    ITEMS_FILE,
-    MANIFEST_FILE,
-    ExportError,
-    manifest_digest,
-)
-from towerrec.retrieval.index import METRIC, METRIC_NAME, search, select_faiss_device, set_params
+from towerrec.retrieval.hits import Hit, UnknownItemError
+from towerrec.retrieval.index import METRIC, METRIC_NAME, gpu_off, search, select_faiss_device, set_params
+from towerrec.retrieval.manifest import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, ExportError, read_verified
+
+if TYPE_CHECKING:
+    from towerrec.retrieval.recommend import Recommender
 
 log = logging.getLogger(__name__)
-
-REQUIRED_KEYS = ("format", "checkpoint", "factory", "metric", "dim", "count", "files", "index")
-
-
-class UnknownItemError(KeyError):
-    """An item id that is not in the exported catalogue."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-@dataclass
-class Hit:
-    """One retrieved item."""
-
-    item_id: str
-    item_idx: int
-    score: float
-    title: str
-    image: str | None
-    is_cold: bool
-    because: str | None = None  # history queries: the history item most similar to this one
-    because_score: float | None = None
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        if self.because is None:
-            del out["because"], out["because_score"]
-        return out
 
 
 class ItemIndex:
@@ -165,14 +130,17 @@ class ItemIndex:
         """
         return self.recommender().recommend(history, k, exclude, exclude_history)
 
-    def recommender(self, ckpt_path: str | Path | None = None):
+    def recommender(self, ckpt_path: str | Path | None = None) -> Recommender:
         """The :class:`~towerrec.retrieval.recommend.Recommender` of this export, loaded once.
+
+        The user model (torch and the model code) is imported on the first history query only, so
+        item-to-item queries never load the training stack.
 
         Args:
             ckpt_path: the checkpoint, when it moved since export (its sha256 must still match).
         """
         if self._recommender is None or ckpt_path is not None:
-            from towerrec.retrieval.recommend import Recommender
+            from towerrec.retrieval.recommend import Recommender  # deferred: see the docstring
 
             self._recommender = Recommender(self, ckpt_path)
         return self._recommender
@@ -198,10 +166,6 @@ class ItemIndex:
         return None
 
 
-def _fail(root: Path, what: str) -> ExportError:
-    return ExportError(f"{root}: {what}; re-run towerrec-export")
-
-
 def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) -> ItemIndex:
     """Load an export folder written by ``towerrec-export``.
 
@@ -216,36 +180,7 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) 
         ExportError: with a one-line reason, for a missing, edited, mismatched or foreign folder.
     """
     root = Path(path)
-    manifest_path = root / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ExportError(f"{root}: no {MANIFEST_FILE} (not an export folder written by towerrec-export)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise _fail(root, f"{MANIFEST_FILE} is not valid JSON ({err})") from err
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise _fail(root, f"{MANIFEST_FILE} lacks {', '.join(missing)}")
-    if manifest["format"] != FORMAT:
-        raise _fail(root, f"format {manifest['format']!r}, this towerrec reads {FORMAT!r}")
-    if verify and manifest.get("manifest_sha256") != manifest_digest(manifest):
-        raise _fail(root, f"{MANIFEST_FILE} was edited after export (its manifest_sha256 does not match)")
-    if manifest["metric"] != METRIC_NAME:
-        raise _fail(root, f"metric {manifest['metric']!r}, expected {METRIC_NAME!r}")
-    for name in (INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE):
-        if name not in manifest["files"]:
-            raise _fail(root, f"{MANIFEST_FILE} lists no checksum for {name}")
-        file = root / name
-        if not file.is_file():
-            raise _fail(root, f"{name} is missing")
-        expected = manifest["files"][name]
-        if file.stat().st_size != expected["bytes"]:
-            raise _fail(
-                root, f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
-            )
-        if verify and file_sha256(file) != expected["sha256"]:
-            raise _fail(root, f"{name} sha256 does not match the manifest (file changed after export)")
-
+    manifest = read_verified(root, METRIC_NAME, verify)
     dim, count = int(manifest["dim"]), int(manifest["count"])
     index = faiss.read_index(str(root / INDEX_FILE))
     items = pd.read_parquet(root / ITEMS_FILE)
@@ -261,12 +196,12 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) 
     ]
     for ok, what in checks:
         if not ok:
-            raise _fail(root, what)
+            raise ExportError(f"{root}: {what}; re-run towerrec-export")
     search_params = manifest["index"]["spec"].get("search_params") or {}
     device, reason = select_faiss_device(gpu, faiss.get_num_gpus(), manifest["factory"])
     if device == "gpu":
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    elif str(gpu).lower() not in ("false", "0", "no", "off", "cpu", "none"):
+    elif not gpu_off(gpu):
         log.info("%s", reason)
     set_params(index, search_params)
     log.info("loaded %s: %s, %d items, searching on %s", root, manifest["factory"], count, device)

@@ -4,43 +4,30 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from towerrec.checkpoint import file_sha256
-from towerrec.models.two_tower import TwoTowerModule
-from towerrec.retrieval.export import ExportError
-from towerrec.retrieval.load import Hit, ItemIndex
+from towerrec.fileio import file_sha256
+from towerrec.models.checkpoint import load_model
+from towerrec.retrieval.hits import Hit
+from towerrec.retrieval.manifest import ExportError
+
+if TYPE_CHECKING:
+    from towerrec.retrieval.load import ItemIndex
 
 log = logging.getLogger(__name__)
 
 
-def load_user_model(ckpt_path: str | Path, sha256: str | None = None) -> tuple[TwoTowerModule, int]:
-    """The trained model of a checkpoint, in eval mode, and the history length it reads.
-
-    Only the weights are read: queries embed histories with the exported item embeddings, so neither
-    the processed data nor the item features are needed (unlike :func:`towerrec.checkpoint.load_trained`).
-
-    Args:
-        ckpt_path: the checkpoint named in the export manifest.
-        sha256: its sha256 recorded at export; a different file is refused.
-    """
-    path = Path(ckpt_path)
+def verified_checkpoint(path: str | Path, sha256: str | None) -> Path:
+    """The checkpoint named in an export manifest, refused when it is missing or changed since export."""
+    path = Path(path)
     if not path.is_file():
         raise ExportError(f"checkpoint {path} named in the export manifest is missing (pass its new path)")
     if sha256 is not None and file_sha256(path) != sha256:
         raise ExportError(f"checkpoint {path} changed since export (sha256 mismatch); re-run towerrec-export")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not ckpt.get("towerrec_config"):
-        raise ExportError(f"{path}: no towerrec_config in this checkpoint (not written by towerrec-train?)")
-    cfg = OmegaConf.create(ckpt["towerrec_config"])
-    model: TwoTowerModule = instantiate(cfg.model)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, int(cfg.datamodule.max_history)
+    return path
 
 
 class Recommender:
@@ -54,7 +41,10 @@ class Recommender:
     def __init__(self, index: ItemIndex, ckpt_path: str | Path | None = None) -> None:
         self.index = index
         ckpt = index.manifest["checkpoint"]
-        self.model, self.max_history = load_user_model(ckpt_path or ckpt["path"], ckpt["sha256"])
+        # Only the weights: histories are embedded from the exported item vectors, so neither the
+        # processed data nor the item features are needed.
+        self.model = load_model(verified_checkpoint(ckpt_path or ckpt["path"], ckpt["sha256"]))
+        self.max_history = int(index.manifest["model"]["max_history"])
         emb = torch.from_numpy(np.asarray(index.embeddings, dtype=np.float32))
         n_rows = int(index.items["item_idx"].max()) + 1
         # Item index -> embedding, row 0 (padding) zero, as the user tower saw in training.

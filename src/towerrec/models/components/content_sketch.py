@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from towerrec.evaluation.baselines import content_features  # the TF-IDF content_knn uses
+from towerrec.data.features import content_features  # the TF-IDF content_knn uses
 
 
 class ContentSketch(nn.Module):
@@ -57,7 +57,7 @@ class ContentSketch(nn.Module):
 
     @torch.no_grad()
     def attach(self, features, device: torch.device) -> None:
-        """Build the sketches from :class:`towerrec.data.datamodule.ItemFeatures`."""
+        """Build the sketches from :class:`towerrec.data.features.ItemFeatures`."""
         tfidf = content_features(features)  # sparse (N+1, V), L2-normalised rows
         g = torch.Generator().manual_seed(self.seed + 1)
         proj = torch.randn(tfidf.shape[1], self.dim, generator=g) / self.dim**0.5

@@ -28,9 +28,17 @@ class ConcatMLPFusion(nn.Module):
 
 
 class GatedSumFusion(nn.Module):
-    """A softmax-gated sum of the projected parts, the gate computed from all parts."""
+    """A softmax-gated sum of the projected parts, the gate computed from all parts.
 
-    def __init__(self, in_dim: int, n_inputs: int, out_dim: int, hidden: int = 0, dropout: float = 0.0) -> None:
+    Select it with ``model/fusion@model.item_tower.fusion=gated``.
+
+    Args:
+        in_dim: size of each part (all parts share it).
+        n_inputs: number of parts.
+        out_dim: output size.
+    """
+
+    def __init__(self, in_dim: int, n_inputs: int, out_dim: int) -> None:
         super().__init__()
         self.proj = nn.ModuleList(nn.Linear(in_dim, out_dim) for _ in range(n_inputs))
         self.gate = nn.Linear(in_dim * n_inputs, n_inputs)

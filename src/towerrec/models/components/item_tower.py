@@ -14,6 +14,10 @@ from towerrec.models.components.content_sketch import ContentSketch
 from towerrec.models.components.id_embedding import IdEmbedding
 from towerrec.models.components.image_encoder import _ImageEncoder
 
+#: With a sketch, an item vector is ``[learned, sketch] / SKETCH_NORM``: two unit-norm halves make
+#: one unit-norm vector. :meth:`ItemTower.learned_part` and :meth:`ItemTower.sketch_part` read them back.
+SKETCH_NORM = math.sqrt(2.0)
+
 
 class ItemTower(nn.Module):
     """Maps item indices to unit-norm embeddings.
@@ -29,7 +33,7 @@ class ItemTower(nn.Module):
         image_encoder: an image encoder; frozen ones have their features computed once per item.
         content_encoder: categorical and text features.
         sketch: an optional untrained content-similarity channel appended to the learned
-            embedding; the item vector is then ``[learned, sketch] / sqrt(2)``, still unit norm.
+            embedding; the item vector is then ``[learned, sketch] / SKETCH_NORM``, still unit norm.
     """
 
     def __init__(
@@ -58,7 +62,7 @@ class ItemTower(nn.Module):
             self.register_buffer(name, None, persistent=False)
 
     def attach_features(self, features) -> None:
-        """Give the tower the per-item tensors of :class:`towerrec.data.datamodule.ItemFeatures`."""
+        """Give the tower the per-item tensors of :class:`towerrec.data.features.ItemFeatures`."""
         device = self.fusion_device
         self.images = features.images.to(device)
         self.has_image = features.has_image.to(device)
@@ -108,8 +112,16 @@ class ItemTower(nn.Module):
             parts.append(self.content_encoder(self.categorical[flat], self.text[flat], sent))
         out = F.normalize(self.fusion(parts), dim=-1)  # (B*, D)
         if self.sketch is not None:
-            out = torch.cat([out, self.sketch(flat)], dim=-1) / math.sqrt(2.0)
+            out = torch.cat([out, self.sketch(flat)], dim=-1) / SKETCH_NORM
         return out.reshape(*shape, self.out_dim)
+
+    def learned_part(self, vectors: Tensor) -> Tensor:
+        """The learned values of item vectors ``(..., out_dim) -> (..., dim)``, as stored (scaled with a sketch)."""
+        return vectors[..., : self.dim]
+
+    def sketch_part(self, vectors: Tensor) -> Tensor:
+        """The unit-norm content sketches of item vectors ``(..., out_dim) -> (..., sketch.dim)``."""
+        return vectors[..., self.dim :] * SKETCH_NORM
 
     @torch.no_grad()
     def embed_all(self, chunk: int = 4096) -> Tensor:
