@@ -59,6 +59,20 @@ def test_plain_trainer_fit_checkpoint_rebuilds_the_same_model(fitted):
     assert torch.equal(loaded.rank(history, 10), model.rank(history, 10))
 
 
+def test_score_split_reports_image_diversity_of_the_ranked_lists(fitted):
+    from towerrec.data.features import image_features
+    from towerrec.evaluation.evaluator import score_split
+    from towerrec.evaluation.metrics import intra_list_diversity_at_k
+
+    _, model, dm = fitted
+    split = dm.test_split
+    topk = model.eval().rank(split.history, 20)
+    results, per_user = score_split(topk, split, dm.item_features, [10, 20])
+    looks = image_features(dm.item_features.images, dm.item_features.has_image)
+    assert results["all"]["image_diversity@10"] == pytest.approx(intra_list_diversity_at_k(topk, looks, 10))
+    assert len(per_user) == len(split) and results["all"]["users"] <= len(split)
+
+
 def test_plain_trainer_fit_checkpoint_exports(fitted, tmp_path):
     from retrieval.conftest import index_spec
     from towerrec.retrieval import export_index, load_export

@@ -14,12 +14,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from towerrec.data.features import ItemFeatures
+from towerrec.data.features import ItemFeatures, image_features
 from towerrec.evaluation.metrics import (
     PAD,
     aggregate,
     bootstrap_interval,
     coverage_at_k,
+    intra_list_diversity_at_k,
     novelty_at_k,
     popularity_percentile_at_k,
     rank_metrics,
@@ -141,10 +142,18 @@ def score_split(
     ``towerrec-eval``'s models and baselines.
 
     Returns:
-        ``(results, per_user)``: ``{slice: {metric@k: value}}`` and :func:`per_user_frame` of the item slices.
+        ``(results, per_user)``: ``{slice: {metric@k: value}}`` and :func:`per_user_frame` of the item
+        slices. With images, ``all`` also has ``image_diversity@k``: one minus the mean cosine between
+        the image features (:func:`~towerrec.data.features.image_features`) of the top-k items.
     """
     per_slice = item_slices_per_user(topk, split, features.is_cold, ks)
     results = evaluate_split(topk, split, features.is_cold, features.train_users, ks, segments, per_slice)
+    if features.has_image.any() and len(topk):
+        # Beyond accuracy: how different the recommended items look (8x8 thumbnails, colour histograms).
+        looks = image_features(features.images, features.has_image)
+        for k in ks:
+            if k >= 2:
+                results["all"][f"image_diversity@{k}"] = intra_list_diversity_at_k(topk, looks, k)
     return results, per_user_frame(per_slice, split.user_idx.cpu().numpy())
 
 
