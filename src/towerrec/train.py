@@ -56,7 +56,7 @@ def test_checkpoint(ckpt_path: str, split: str, ks: list[int], device: str | tor
 def train(cfg: DictConfig) -> dict:
     """Train, test the checkpoint with the best validation metric, write ``metrics.json``."""
     if cfg.ckpt_path is not None:
-        read_checkpoint(cfg.ckpt_path)  # refuses a file holding pickled objects, in one line
+        read_checkpoint(cfg.ckpt_path)  # refuses a file holding pickled objects in one line, before Lightning reads it
     dm, model, run_cfg = build(cfg)
 
     out = Path(cfg.paths.output_dir)
@@ -67,7 +67,7 @@ def train(cfg: DictConfig) -> dict:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(run_cfg, resolve=True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     if best is None:  # no checkpoint callback: save the final weights to test them the same way
