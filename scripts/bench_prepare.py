@@ -129,7 +129,7 @@ def child_main(spec: dict) -> None:
 
     from towerrec import CONFIG_DIR
     from towerrec.data import prepare as prepare_mod
-    from towerrec.data import sources, synthetic
+    from towerrec.data.sources import hm, synthetic
 
     t_import = time.perf_counter()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -144,7 +144,7 @@ def child_main(spec: dict) -> None:
                 prepare_mod.prepare,
                 prepare_mod.assign_split,
                 prepare_mod.customer_segments,
-                sources.load_hm,
+                hm.load_hm,
                 synthetic.generate_synthetic_with_truth,
             ]
         )

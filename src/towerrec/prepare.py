@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from towerrec import CONFIG_DIR
-from towerrec.data.prepare import prepare, read_manifest
+from towerrec.data.prepare import PrepareSettings, prepare, read_manifest
 from towerrec.data.schema import DataError
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
 def _main(cfg: DictConfig) -> None:
     try:
-        out = prepare(cfg.data, force=cfg.force, workers=cfg.workers)
+        out = prepare(PrepareSettings.from_config(cfg.data), force=cfg.force, workers=cfg.workers)
     except DataError as err:
         log.error("%s", err)
         sys.exit(f"error: {err}")

@@ -11,7 +11,7 @@ import torch
 from conftest import HM_ROOT, TINY_DATA, compose_cfg, needs_hm
 
 from towerrec.data.datamodule import SequenceDataModule, train_windows
-from towerrec.data.prepare import config_hash, is_up_to_date, prepare
+from towerrec.data.prepare import PrepareSettings, config_hash, is_up_to_date, prepare
 from towerrec.data.schema import DataError
 
 
@@ -98,6 +98,40 @@ def test_config_hash_ignores_where_the_data_lives(tmp_path):
     assert config_hash(a) == config_hash(b)
     c = compose_cfg("train", ["data=hm", "data.root=/b/hm", "data.split.test_days=7"], tmp_path).data
     assert config_hash(c) != config_hash(a)
+
+
+# Data hashes as reported before prepare took typed settings and the sources moved into a package
+# (README: H&M 383b3d42...). The same config must keep its hash.
+REPORTED_HASHES = {
+    "synthetic": "ed4ee903ec95d07965d182291d8d5a913ab919f6988caae6f3338f802b4ec534",
+    "hm": "383b3d424f9f3d927f384c87f4e2157bbec7d10d80076dd9627cbf7aacd69a8e",
+    "movielens": "d697cf6f25d1d28b7b2666c92d887d0e8c6151b53371040808f6cb73c5d86db8",
+    "table": "bbc085d29424c7683a8da842ec4b1bcfa9ae766aeaf8a34d50553a6707bb7140",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPORTED_HASHES))
+def test_config_hash_is_unchanged_for_the_same_config(tmp_path, name):
+    cfg = compose_cfg("train", [f"data={name}"], tmp_path).data
+    assert config_hash(cfg) == REPORTED_HASHES[name]
+    assert PrepareSettings.from_config(cfg).config_hash == REPORTED_HASHES[name]
+    tiny = compose_cfg("train", TINY_DATA, tmp_path).data
+    assert config_hash(tiny) == "d206f677f9f8c6ccf0c38dddd68f79a45a7042407fc781a157cdd290912b213c"
+
+
+def test_settings_are_typed_and_bad_fields_are_named(tmp_path):
+    s = PrepareSettings.from_config(_data_cfg(tmp_path, "data.split.test_days=5"))
+    assert s.split.method == "temporal" and s.split.test_days == 5 and s.text.buckets == 4096
+    assert s.image_size == 16 and s.processed_dir == tmp_path / "proc"
+    for override, message in [
+        ("+data.split.test_dayz=3", r"^data\.split\.test_dayz: unknown setting \(known: method, test_days"),
+        ("data.split.method=random", r"^data\.split\.method: unknown split method 'random'"),
+        ("data.text.buckets=many", r"^data\.text\.buckets: expected an integer, got 'many'"),
+        ("data.filter.kcore=3", r"^data\.filter\.kcore: expected true or false, got 3"),
+        ("data.split.test_days=null", r"^data\.split\.test_days: the temporal split needs test_days"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            PrepareSettings.from_config(_data_cfg(tmp_path, override))
 
 
 def test_synthetic_preparation_is_deterministic(tmp_path):

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from towerrec.data.schema import DataError
-from towerrec.data.sources import HM_CATEGORICAL, HM_TEXT, load_hm, load_movielens, load_table
+from towerrec.data.sources.hm import HM_CATEGORICAL, HM_TEXT, load_hm
+from towerrec.data.sources.movielens import load_movielens
+from towerrec.data.sources.table import load_table
 
 # ------------------------------------------------------------------------------------ tiny H&M
 

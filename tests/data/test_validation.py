@@ -15,14 +15,13 @@ from towerrec.data.validate import (
     drop_duplicate_rows,
     drop_invalid_prices,
     drop_unknown_items,
-    file_fingerprint,
     parse_numbers,
     parse_timestamps,
     read_csv_utf8,
     require_columns,
     require_ids,
-    tree_fingerprint,
 )
+from towerrec.fileio import file_fingerprint, tree_fingerprint
 
 
 def test_read_csv_utf8_names_line_and_byte(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from towerrec.data.features import ItemFeatures
 from towerrec.data.image_cache import load_image_cache
+from towerrec.data.manifest import load_manifest
 from towerrec.data.splits import EVAL_SPLITS, history_splits
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class SequenceDataModule(L.LightningDataModule):
         if self._loaded:
             return
         d = self.processed_dir
-        self.manifest = json.loads((d / "manifest.json").read_text())
+        self.manifest = load_manifest(d)  # raises a one-line DataError unless the folder is complete
         self.interactions = pd.read_parquet(d / "interactions.parquet")
         self.items = pd.read_parquet(d / "items.parquet")
         self.users = pd.read_parquet(d / "users.parquet")

@@ -9,98 +9,103 @@ Layout of a processed folder::
     item_categorical.npy  (n_items + 1, n_fields) int64, 0 = unknown
     item_text.npy         (n_items + 1, max_tokens) int64 hashed token ids, 0 = padding
     images.npy            (n_items + 1, S, S, 3) uint8, memory-mapped
-    manifest.json         inputs, counts, split, skipped/repaired rows by reason
+    vocab.json            categorical vocabularies
+    manifest.json         inputs, counts, split, skipped/repaired rows by reason, and every other
+                          file with its size and sha256 (see :mod:`towerrec.data.manifest`)
 
 Ids are contiguous integers from 1; 0 is padding. Interactions are sorted by user, then time;
 rows with the same timestamp keep their source row order (a stable sort), since H&M dates have no
 time of day and the order within a day is unknown.
+
+Any number of processes may prepare (or train on) one folder at once: the builder holds a file lock
+beside it (``<processed_dir>.lock``), writes into a temporary folder of its own and renames it into
+place when complete, so a crash or kill leaves the previous complete folder or none. The others wait
+for the lock and then use what it built.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
 import shutil
+import socket
 import time
+import uuid
 import zlib
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 import pandas as pd
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from towerrec.data.image_cache import build_image_cache
+from towerrec.data.manifest import MANIFEST, read_manifest, verify_processed
 from towerrec.data.schema import DataError, RawDataset
+from towerrec.data.settings import PREPARE_VERSION, PrepareSettings, SplitSettings, config_hash
+from towerrec.fileio import atomic_folder, folder_files, tree_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 4
 SPLITS = ("train", "val", "test")
 _TOKEN = re.compile(r"[a-z0-9]+")
 
+__all__ = [
+    "PREPARE_VERSION",
+    "SPLITS",
+    "PrepareSettings",
+    "config_hash",
+    "ensure_prepared",
+    "is_up_to_date",
+    "prepare",
+    "read_manifest",
+]
+
 
 # ----------------------------------------------------------------------------- staleness
-def inputs_fingerprint(root: str | Path) -> dict[str, Any]:
-    """A cheap fingerprint of every file under ``root``: names, sizes and mtimes, no contents."""
-    root = Path(root)
-    if not root.exists():
-        return {"exists": False}
-    h = hashlib.sha256()
-    n = total = 0
-    stack = [root]
-    entries: list[tuple[str, int, int]] = []
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=True):
-                    stack.append(Path(e.path))
-                elif e.is_file(follow_symlinks=True):
-                    st = e.stat()
-                    entries.append((os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns))
-    for name, size, mtime in sorted(entries):
-        h.update(f"{name}\0{size}\0{mtime}\n".encode())
-        n += 1
-        total += size
-    return {"exists": True, "files": n, "bytes": total, "listing_sha256": h.hexdigest()}
+def _settings(data: PrepareSettings | DictConfig) -> PrepareSettings:
+    return data if isinstance(data, PrepareSettings) else PrepareSettings.from_config(data)
 
 
-def config_hash(data_cfg: DictConfig) -> str:
-    """Hash of what determines the processed folder: the resolved data config and the code version.
-
-    Where the data lives (``root``, ``source.root``, ``processed_dir``) is left out, so two checkouts
-    of one commit report the same hash; what the input files hold is fingerprinted separately
-    (:func:`inputs_fingerprint` for staleness, the manifest's per-file sha256 for reports).
-    """
-    cfg = OmegaConf.to_container(data_cfg, resolve=True)
-    cfg.pop("processed_dir", None)
-    cfg.pop("root", None)
-    if isinstance(cfg.get("source"), dict):
-        cfg["source"].pop("root", None)
-    cfg.pop("eval", None)  # evaluation options do not change the processed tables
-    blob = json.dumps({"v": PREPARE_VERSION, "cfg": cfg}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def read_manifest(processed_dir: str | Path) -> dict | None:
-    path = Path(processed_dir) / "manifest.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def is_up_to_date(data_cfg: DictConfig) -> bool:
-    """True when the processed folder's manifest matches the config and the input files."""
-    manifest = read_manifest(data_cfg.processed_dir)
+def is_up_to_date(data: PrepareSettings | DictConfig) -> bool:
+    """True when the processed folder is complete and its manifest matches the config and inputs."""
+    settings = _settings(data)
+    manifest = read_manifest(settings.processed_dir)
     return (
         manifest is not None
-        and manifest.get("config_hash") == config_hash(data_cfg)
-        and manifest.get("inputs") == inputs_fingerprint(data_cfg.root)
+        and manifest.get("config_hash") == settings.config_hash
+        and manifest.get("inputs") == tree_fingerprint(settings.root)
+        and verify_processed(settings.processed_dir, manifest) is None
     )
+
+
+def lock_path(processed_dir: str | Path) -> Path:
+    """The lock file beside a processed folder: ``<processed_dir>.lock``."""
+    out = Path(processed_dir)
+    return out.with_name(out.name + ".lock")
+
+
+def _build_id(processed_dir: Path) -> str | None:
+    manifest = read_manifest(processed_dir)
+    return manifest.get("build", {}).get("id") if manifest else None
+
+
+def _acquire(lock: filelock.FileLock, out: Path) -> None:
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("%s: another process is preparing it; waiting for %s", out, lock.lock_file)
+        lock.acquire()
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove temporary folders that killed builds left beside ``out`` (only the lock holder builds)."""
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        if stale.is_dir() and (".tmp-" in stale.name or ".old-" in stale.name):
+            log.info("removing %s, left by an interrupted prepare", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -119,7 +124,7 @@ def apply_filters(inter: pd.DataFrame, min_user: int, min_item: int, kcore: bool
     return inter, before - len(inter)
 
 
-def assign_split(inter: pd.DataFrame, split_cfg: DictConfig | dict) -> tuple[np.ndarray, dict[str, Any]]:
+def assign_split(inter: pd.DataFrame, split: SplitSettings) -> tuple[np.ndarray, dict[str, Any]]:
     """Label each interaction train/val/test. ``inter`` (``user_idx``, ``timestamp``) must be sorted by user, then time.
 
     * ``temporal``: global cut dates. ``test_start = last day - test_days`` and
@@ -128,18 +133,18 @@ def assign_split(inter: pd.DataFrame, split_cfg: DictConfig | dict) -> tuple[np.
     * ``leave_one_out``: per user, the last interaction is test and the second last validation;
       users with fewer than 3 interactions stay in training only.
     """
-    method = split_cfg["method"]
+    method = split.method
     labels = np.zeros(len(inter), dtype=np.int8)
     info: dict[str, Any] = {"method": method}
     if method == "temporal":
         ts = inter["timestamp"]
         last_day = ts.max().normalize()
-        test_start = pd.Timestamp(split_cfg.get("test_start") or last_day - pd.Timedelta(days=split_cfg["test_days"]))
-        val_start = pd.Timestamp(split_cfg.get("val_start") or test_start - pd.Timedelta(days=split_cfg["val_days"]))
+        test_start = pd.Timestamp(split.test_start or last_day - pd.Timedelta(days=split.test_days))
+        val_start = pd.Timestamp(split.val_start or test_start - pd.Timedelta(days=split.val_days))
         labels[(ts >= val_start).to_numpy()] = 1
         labels[(ts >= test_start).to_numpy()] = 2
         info.update(val_start=str(val_start.date()), test_start=str(test_start.date()),
-                    test_days=split_cfg.get("test_days"), val_days=split_cfg.get("val_days"))
+                    test_days=split.test_days, val_days=split.val_days)
     elif method == "leave_one_out":
         user = inter["user_idx"].to_numpy()
         size = inter.groupby("user_idx", sort=False)["user_idx"].transform("size").to_numpy()
@@ -225,34 +230,94 @@ def customer_segments(
 
 
 # ----------------------------------------------------------------------------- main
-def prepare(data_cfg: DictConfig, force: bool = False, workers: int = 2) -> Path:
-    """Build ``data_cfg.processed_dir`` unless its manifest shows it is up to date.
+def prepare(data: PrepareSettings | DictConfig, force: bool = False, workers: int = 2) -> Path:
+    """Build the processed folder unless its manifest shows it is complete and up to date.
+
+    Safe to call from many processes at once: exactly one builds, the others wait for it and use
+    the result. With ``force`` a process rebuilds unless another one finished a build while it waited.
+
+    Args:
+        data: typed settings (:meth:`PrepareSettings.from_config`), or the ``data`` config to build
+            them from.
+        force: rebuild even when the folder is up to date.
+        workers: processes decoding images.
 
     Returns:
         The processed folder.
     """
-    out = Path(data_cfg.processed_dir)
-    if not force and is_up_to_date(data_cfg):
+    settings = _settings(data)
+    out = settings.processed_dir
+    seen = _build_id(out)
+    if not force and is_up_to_date(settings):
         log.info("%s is up to date (manifest matches config and inputs): nothing to do", out)
         return out
-    t0 = time.perf_counter()
-    inputs = inputs_fingerprint(data_cfg.root)
-    # Build a partial and call it, so a DataError reaches the user as itself, not wrapped by Hydra.
-    raw: RawDataset = instantiate(data_cfg.source, _partial_=True)()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(lock_path(out))
+    _acquire(lock, out)
+    try:
+        if is_up_to_date(settings) and (not force or _build_id(out) != seen):
+            log.info("%s was prepared by another process while this one waited: using it", out)
+            return out
+        _remove_leftovers(out)
+        _build(settings, workers)
+    finally:
+        lock.release()
+    return out
 
+
+def ensure_prepared(data: PrepareSettings | DictConfig, workers: int = 2) -> Path:
+    """Prepare the data when its processed folder is missing, incomplete or stale; return the folder."""
+    return prepare(data, force=False, workers=workers)
+
+
+def _build(settings: PrepareSettings, workers: int) -> None:
+    """Build the processed folder in a temporary folder of this process and rename it into place."""
+    t0 = time.perf_counter()
+    inputs = tree_fingerprint(settings.root)
+    raw: RawDataset = settings.load()
     inter, n_filtered = apply_filters(
         raw.interactions,
-        data_cfg.filter.min_user_interactions,
-        data_cfg.filter.min_item_interactions,
-        data_cfg.filter.kcore,
+        settings.filter.min_user_interactions,
+        settings.filter.min_item_interactions,
+        settings.filter.kcore,
     )
     if len(inter) == 0:
-        raise DataError(f"{data_cfg.root}: no interactions left after validation and filtering")
+        raise DataError(f"{settings.root}: no interactions left after validation and filtering")
+    items, images = _catalog(raw, inter)
+    table, user_map = _interaction_table(inter, items)
+    labels, split_info = assign_split(table, settings.split)
+    table["split"] = pd.Categorical.from_codes(labels, categories=list(SPLITS))
+    out = settings.processed_dir
+    with atomic_folder(out) as tmp:
+        table.to_parquet(tmp / "interactions.parquet", index=False)
+        train = table[table["split"] == "train"]
+        features = _item_files(tmp, items, train, raw, images, settings, workers)
+        users = _users_table(raw, user_map, train, split_info, settings)
+        users.to_parquet(tmp / "users.parquet", index=False)
+        manifest = {
+            "towerrec_prepare_version": PREPARE_VERSION,
+            "name": settings.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build": {"id": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname()},
+            "config_hash": settings.config_hash,
+            "config": settings.config,
+            "inputs": inputs,
+            "sources": raw.sources,
+            "counts": _counts(table, items, users),
+            "split": split_info,
+            "skipped": dict(raw.skipped),
+            "repaired": dict(raw.repaired),
+            "filtered": {"min_interactions": int(n_filtered)},
+            **features,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        manifest["files"] = folder_files(tmp)  # last: it lists every file written above
+        write_json(tmp / MANIFEST, manifest)
+    log.info("prepared %s in %.1f s: %s", out, manifest["seconds"], manifest["counts"])
 
-    # Ids: contiguous from 1 in sorted raw-id order; 0 is padding.
+
+def _catalog(raw: RawDataset, inter: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """The item table in sorted raw-id order with ``item_idx`` from 1, and the images in that order."""
     items = raw.items.reset_index(drop=True)
     missing = ~inter["item_id"].isin(items["item_id"])
     if missing.any():  # sources add interacted items to the catalog; this guards custom ones
@@ -262,6 +327,11 @@ def prepare(data_cfg: DictConfig, force: bool = False, workers: int = 2) -> Path
     items = items.iloc[item_order].reset_index(drop=True)
     images = raw.images[item_order] if raw.images is not None else None
     items.insert(0, "item_idx", np.arange(1, len(items) + 1, dtype=np.int64))
+    return items, images
+
+
+def _interaction_table(inter: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """Interactions as integer ids, sorted by user then time, and the user id -> ``user_idx`` map."""
     # Map strings to integers once per distinct id (factorize), not once per row.
     ucode, user_ids = pd.factorize(inter["user_id"], sort=True)
     user_idx = ucode.astype(np.int64) + 1
@@ -272,14 +342,23 @@ def prepare(data_cfg: DictConfig, force: bool = False, workers: int = 2) -> Path
     # lexsort is stable: equal timestamps keep the source row order.
     order = np.lexsort((ts.view("i8"), user_idx))
     table = pd.DataFrame({"user_idx": user_idx[order], "item_idx": item_idx[order], "timestamp": ts[order]})
-    labels, split_info = assign_split(table, data_cfg.split)
-    table["split"] = pd.Categorical.from_codes(labels, categories=list(SPLITS))
     for c in ("price", "quantity", "channel"):
         if c in inter:
             table[c] = inter[c].to_numpy()[order]
-    table.to_parquet(tmp / "interactions.parquet", index=False)
+    return table, user_map
 
-    train = table[table["split"] == "train"]
+
+def _item_files(
+    tmp: Path,
+    items: pd.DataFrame,
+    train: pd.DataFrame,
+    raw: RawDataset,
+    images: np.ndarray | None,
+    settings: PrepareSettings,
+    workers: int,
+) -> dict[str, Any]:
+    """Write ``items.parquet`` (with training counts), the categorical, text and image arrays and the
+    vocabularies; return the manifest's ``images`` and ``features`` entries."""
     train_count = np.bincount(train["item_idx"].to_numpy(), minlength=len(items) + 1)[1:]
     items["train_count"] = train_count
     distinct = train.drop_duplicates(["user_idx", "item_idx"])["item_idx"].to_numpy()
@@ -290,67 +369,50 @@ def prepare(data_cfg: DictConfig, force: bool = False, workers: int = 2) -> Path
     np.save(tmp / "item_categorical.npy", cats)
     cols = [items[c].fillna("").astype(str).tolist() for c in raw.text]
     text = pd.Series([" ".join(parts) for parts in zip(*cols, strict=True)] if cols else [""] * len(items))
-    np.save(tmp / "item_text.npy", hash_tokens(text, data_cfg.text.buckets, data_cfg.text.max_tokens))
+    np.save(tmp / "item_text.npy", hash_tokens(text, settings.text.buckets, settings.text.max_tokens))
 
     paths = items["image_path"].tolist() if "image_path" in items else [None] * len(items)
-    has_image, image_counts = build_image_cache(paths, tmp / "images.npy", data_cfg.image_size, workers, images)
+    has_image, image_counts = build_image_cache(paths, tmp / "images.npy", settings.image_size, workers, images)
     items["has_image"] = has_image[1:]
     items.to_parquet(tmp / "items.parquet", index=False)
+    write_json(tmp / "vocab.json", vocab, indent=None)
+    return {
+        "images": {"size": settings.image_size, **dict(image_counts)},
+        "features": {
+            "categorical": {f: len(v) + 1 for f, v in vocab.items()},
+            "text_buckets": settings.text.buckets + 1,
+            "text_max_tokens": settings.text.max_tokens,
+        },
+    }
 
+
+def _users_table(
+    raw: RawDataset, user_map: pd.Series, train: pd.DataFrame, split_info: dict, settings: PrepareSettings
+) -> pd.DataFrame:
+    """One row per user: the source's attributes, the training count and the customer segments."""
     users = pd.DataFrame({"user_idx": user_map.to_numpy(), "user_id": user_map.index.to_numpy()})
     if len(raw.users) and "user_id" in raw.users:
         users = users.merge(raw.users.drop_duplicates("user_id"), on="user_id", how="left")
     users["n_train"] = np.bincount(train["user_idx"].to_numpy(), minlength=len(users) + 1)[1:]
-    train_end = pd.Timestamp(split_info["val_start"]) if split_info["method"] == "temporal" else train["timestamp"].max()
-    segs = customer_segments(train, len(users), train_end, data_cfg.segments.new_days, data_cfg.segments.active_days)
-    users = users.merge(segs, on="user_idx", how="left")
-    users.to_parquet(tmp / "users.parquet", index=False)
+    temporal = split_info["method"] == "temporal"
+    train_end = pd.Timestamp(split_info["val_start"]) if temporal else train["timestamp"].max()
+    segs = customer_segments(train, len(users), train_end, settings.segments.new_days, settings.segments.active_days)
+    return users.merge(segs, on="user_idx", how="left")
 
+
+def _counts(table: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> dict[str, int]:
+    """The manifest's counts: users, items, interactions per split, cold and image-less items."""
     split_counts = table["split"].value_counts().reindex(list(SPLITS), fill_value=0)
-    cold_targets = {
-        s: int(items["is_cold"].to_numpy()[table.loc[table["split"] == s, "item_idx"].to_numpy() - 1].sum())
-        for s in ("val", "test")
+    is_cold = items["is_cold"].to_numpy()
+    cold_targets = {s: int(is_cold[table.loc[table["split"] == s, "item_idx"].to_numpy() - 1].sum()) for s in ("val", "test")}
+    return {
+        "users": len(users),
+        "items": len(items),
+        "interactions": len(table),
+        **{s: int(split_counts[s]) for s in SPLITS},
+        "cold_items": int(is_cold.sum()),
+        "items_never_interacted": int((np.bincount(table["item_idx"], minlength=len(items) + 1)[1:] == 0).sum()),
+        "items_with_image": int(items["has_image"].sum()),
+        "val_cold_interactions": cold_targets["val"],
+        "test_cold_interactions": cold_targets["test"],
     }
-    manifest = {
-        "towerrec_prepare_version": PREPARE_VERSION,
-        "name": data_cfg.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config_hash": config_hash(data_cfg),
-        "config": OmegaConf.to_container(data_cfg, resolve=True),
-        "inputs": inputs,
-        "sources": raw.sources,
-        "counts": {
-            "users": len(users),
-            "items": len(items),
-            "interactions": len(table),
-            **{s: int(split_counts[s]) for s in SPLITS},
-            "cold_items": int(items["is_cold"].sum()),
-            "items_never_interacted": int((np.bincount(table["item_idx"], minlength=len(items) + 1)[1:] == 0).sum()),
-            "items_with_image": int(has_image.sum()),
-            "val_cold_interactions": cold_targets["val"],
-            "test_cold_interactions": cold_targets["test"],
-        },
-        "split": split_info,
-        "skipped": dict(raw.skipped),
-        "repaired": dict(raw.repaired),
-        "filtered": {"min_interactions": int(n_filtered)},
-        "images": {"size": data_cfg.image_size, **dict(image_counts)},
-        "features": {
-            "categorical": {f: len(v) + 1 for f, v in vocab.items()},
-            "text_buckets": data_cfg.text.buckets + 1,
-            "text_max_tokens": data_cfg.text.max_tokens,
-        },
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log.info("prepared %s in %.1f s: %s", out, manifest["seconds"], manifest["counts"])
-    return out
-
-
-def ensure_prepared(data_cfg: DictConfig, workers: int = 2) -> Path:
-    """Prepare the data when its processed folder is missing or stale; return the folder."""
-    return prepare(data_cfg, force=False, workers=workers)

@@ -15,8 +15,6 @@ import pandas as pd
 # Interactions: one row per event, in source row order.
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp"]  # required
 INTERACTION_OPTIONAL = ["price", "quantity", "channel"]
-# Items: one row per catalog item.
-ITEM_ID = "item_id"
 
 
 class DataError(ValueError):

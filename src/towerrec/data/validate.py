@@ -16,8 +16,6 @@ reading gives until validation is done.
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import logging
 import os
 import re
@@ -38,10 +36,6 @@ DUPLICATE_ROW = "duplicate_row"
 INVALID_PRICE = "invalid_price"
 
 _UNIX_NUMBER = re.compile(r"^\s*-?\d+(\.\d*)?\s*$")
-
-
-def _name(path: str | os.PathLike) -> str:
-    return Path(path).name
 
 
 def _row_numbers(index: pd.Index, mask: np.ndarray) -> np.ndarray:
@@ -299,45 +293,3 @@ def dedupe_keyed(df: pd.DataFrame, column: str, file: str, skipped: Counter, rea
             f"(first at row {first}){_more(int(dup.sum()))}"
         )
     return df
-
-
-def file_fingerprint(path: str | os.PathLike) -> dict:
-    """Size and SHA-256 of a file's contents: ``{"bytes": int, "sha256": str}``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
-
-
-def _walk(folder: str, rel: str = ""):
-    with os.scandir(folder) as it:
-        for entry in it:
-            name = f"{rel}{entry.name}"
-            if entry.is_dir(follow_symlinks=True):
-                yield from _walk(entry.path, f"{name}/")
-            elif entry.is_file(follow_symlinks=True):
-                yield name, entry
-
-
-def tree_fingerprint(folder: str | os.PathLike, pattern: str = "*") -> dict:
-    """Fingerprint a folder tree from its listing, without reading file contents.
-
-    Hashes the sorted ``(relative name, size, mtime_ns)`` lines of the files whose name matches
-    ``pattern`` (``fnmatch`` on the file name, e.g. ``"*.jpg"``), at any depth.
-
-    Returns:
-        ``{"files": int, "bytes": int, "sha256": str}``; zero files for an absent folder.
-    """
-    folder = os.fspath(folder)
-    rows = []
-    if os.path.isdir(folder):
-        for name, entry in _walk(folder):
-            if fnmatch.fnmatch(entry.name, pattern):
-                st = entry.stat()
-                rows.append((name, st.st_size, st.st_mtime_ns))
-    rows.sort()
-    h = hashlib.sha256()
-    for name, size, mtime in rows:
-        h.update(f"{name}\t{size}\t{mtime}\n".encode())
-    return {"files": len(rows), "bytes": sum(r[1] for r in rows), "sha256": h.hexdigest()}

@@ -136,10 +136,63 @@ def generate_synthetic_with_truth(
         seed=seed,
     )
     _check_params(**params)
-    n_new = min(round(cold_fraction * n_items), n_items - 1)
     complement = complement_map(n_categories)
+    catalog = _draw_catalog(n_items, n_categories, cold_fraction, np.random.default_rng([seed, _CATALOG]))
+    images = render_images(
+        catalog.shape, catalog.colour, catalog.pattern, image_size, np.random.default_rng([seed, _IMAGES])
+    )
+    users = _draw_users(n_users, n_categories, n_interactions, days, np.random.default_rng([seed, _USERS]))
+    user, item, seconds = _draw_purchases(
+        catalog, users, complement, days, release_day, np.random.default_rng([seed, _EVENTS])
+    )
+    dataset = RawDataset(
+        **_frames(catalog, user, item, seconds, n_users, n_categories),
+        categorical=["category", "brand"],
+        text=["title"],
+        images=images,
+        sources={"generator": "synthetic", **params},
+    )
+    truth = SyntheticTruth(
+        item_category=catalog.category,
+        item_shape=catalog.shape,
+        item_colour=catalog.colour,
+        item_pattern=catalog.pattern,
+        item_is_new=catalog.is_new,
+        user_colours=users.colours,
+        user_pattern=users.pattern,
+        user_categories=users.categories,
+        complement=complement,
+    )
+    return dataset, truth
 
-    rng = np.random.default_rng([seed, _CATALOG])
+
+@dataclass
+class _Catalog:
+    """Per-item attributes, drawn from the catalog stream."""
+
+    category: np.ndarray
+    shape: np.ndarray
+    colour: np.ndarray
+    pattern: np.ndarray
+    brand: np.ndarray
+    is_new: np.ndarray  # bool, released on release_day
+    weight: np.ndarray  # popularity weight within any group of items
+
+
+@dataclass
+class _Users:
+    """Per-user tastes and activity, drawn from the user stream."""
+
+    categories: np.ndarray  # (n_users, k) preferred categories
+    colours: np.ndarray  # (n_users, 2), primary then secondary
+    pattern: np.ndarray  # (n_users,)
+    signup: np.ndarray  # (n_users,) seconds from the start of the period
+    lengths: np.ndarray  # (n_users,) purchases per user
+
+
+def _draw_catalog(n_items: int, n_categories: int, cold_fraction: float, rng: np.random.Generator) -> _Catalog:
+    """Categories, visual attributes, brands, the late-released items and their Zipf popularity."""
+    n_new = min(round(cold_fraction * n_items), n_items - 1)
     category = rng.permutation(np.arange(n_items) % n_categories)
     shape = np.where(
         rng.random(n_items) < P_CATEGORY_SHAPE, category % len(SHAPES), rng.integers(0, len(SHAPES), n_items)
@@ -158,41 +211,65 @@ def generate_synthetic_with_truth(
     new_rank[rng.permutation(n_new)] = np.arange(1, n_new + 1)
     weight = rank.astype(np.float64) ** -ZIPF_ALPHA
     weight[is_new] = new_rank.astype(np.float64) ** -ZIPF_ALPHA
+    return _Catalog(category, shape, colour, pattern, brand, is_new, weight)
 
-    images = render_images(shape, colour, pattern, image_size, np.random.default_rng([seed, _IMAGES]))
 
-    rng = np.random.default_rng([seed, _USERS])
+def _draw_users(
+    n_users: int, n_categories: int, n_interactions: int, days: int, rng: np.random.Generator
+) -> _Users:
+    """Preferred categories, colours and pattern, a signup time and a lognormal history length."""
     k = min(N_PREFERRED_CATEGORIES, n_categories)
-    user_categories = np.argsort(rng.random((n_users, n_categories)), axis=1)[:, :k]
-    user_colours = np.argsort(rng.random((n_users, len(COLOURS))), axis=1)[:, :2]
-    user_pattern = rng.integers(0, len(PATTERNS), n_users)
-    span = days * SECONDS_PER_DAY
-    signup = rng.integers(0, max(1, int(SIGNUP_SPAN * span)), n_users)
+    categories = np.argsort(rng.random((n_users, n_categories)), axis=1)[:, :k]
+    colours = np.argsort(rng.random((n_users, len(COLOURS))), axis=1)[:, :2]
+    pattern = rng.integers(0, len(PATTERNS), n_users)
+    signup = rng.integers(0, max(1, int(SIGNUP_SPAN * days * SECONDS_PER_DAY)), n_users)
     extra = rng.multinomial(
         n_interactions - MIN_HISTORY * n_users, _normalised(rng.lognormal(0, LENGTH_SIGMA, n_users))
     )
-    lengths = extra + MIN_HISTORY
+    return _Users(categories, colours, pattern, signup, extra + MIN_HISTORY)
 
-    # Interactions are laid out user by user (CSR), each user's purchases in time order.
-    rng = np.random.default_rng([seed, _EVENTS])
-    user = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
+
+def _draw_purchases(
+    catalog: _Catalog,
+    users: _Users,
+    complement: np.ndarray,
+    days: int,
+    release_day: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every purchase's user, item and time (seconds from the start), laid out user by user.
+
+    Interactions are in CSR order, each user's purchases in time order: the category follows the
+    complement chain, the item within it mostly matches the user's taste.
+    """
+    lengths = users.lengths
+    n_interactions = int(lengths.sum())
+    span = days * SECONDS_PER_DAY
+    user = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     first = np.zeros(n_interactions, dtype=bool)
     first[np.cumsum(lengths) - lengths] = True
-    seconds = signup[user] + (rng.random(n_interactions) * (span - signup[user])).astype(np.int64)
+    signup = users.signup[user]
+    seconds = signup + (rng.random(n_interactions) * (span - signup)).astype(np.int64)
     seconds = np.sort(user * span + seconds) - user * span  # sorts within each user only
-    del extra
 
-    item_category = _sample_categories(user, first, user_categories, complement, rng)
+    item_category = _sample_categories(user, first, users.categories, complement, rng)
     released = seconds >= release_day * SECONDS_PER_DAY
     matched = rng.random(n_interactions) < P_TASTE
     want_colour = np.where(
-        rng.random(n_interactions) < P_PRIMARY_COLOUR, user_colours[user, 0], user_colours[user, 1]
+        rng.random(n_interactions) < P_PRIMARY_COLOUR, users.colours[user, 0], users.colours[user, 1]
     )
-    sampler = _ItemSampler(category, colour, pattern, is_new, weight, n_categories)
-    item = sampler.sample(item_category, want_colour, user_pattern[user], matched, released, rng)
-    del item_category, matched, want_colour, first
+    n_categories = len(complement)
+    sampler = _ItemSampler(catalog.category, catalog.colour, catalog.pattern, catalog.is_new, catalog.weight, n_categories)
+    item = sampler.sample(item_category, want_colour, users.pattern[user], matched, released, rng)
+    return user, item, seconds
 
-    order = np.argsort(seconds, kind="stable")  # a purchase log in time order; ties keep user order
+
+def _frames(
+    catalog: _Catalog, user: np.ndarray, item: np.ndarray, seconds: np.ndarray, n_users: int, n_categories: int
+) -> dict[str, pd.DataFrame]:
+    """The purchase log in time order (ties keep user order), the catalog table and the users."""
+    order = np.argsort(seconds, kind="stable")
+    n_items = len(catalog.category)
     user_ids = pd.Series(_ids("U", n_users), dtype="str")
     item_ids = pd.Series(_ids("S", n_items), dtype="str")
     interactions = pd.DataFrame(
@@ -203,36 +280,17 @@ def generate_synthetic_with_truth(
         }
     )
     names = category_names(n_categories)
+    brands = pd.Series([f"brand {b:02d}" for b in range(N_BRANDS)], dtype="str")
     items = pd.DataFrame(
         {
             "item_id": item_ids,
-            "category": pd.Series(names, dtype="str").array.take(category),
-            "brand": pd.Series([f"brand {b:02d}" for b in range(N_BRANDS)], dtype="str").array.take(brand),
-            "title": _titles(names, category),
+            "category": pd.Series(names, dtype="str").array.take(catalog.category),
+            "brand": brands.array.take(catalog.brand),
+            "title": _titles(names, catalog.category),
             "image_path": pd.Series([None] * n_items, dtype=object),
         }
     )
-    dataset = RawDataset(
-        interactions=interactions,
-        items=items,
-        users=pd.DataFrame({"user_id": user_ids}),
-        categorical=["category", "brand"],
-        text=["title"],
-        images=images,
-        sources={"generator": "synthetic", **params},
-    )
-    truth = SyntheticTruth(
-        item_category=category,
-        item_shape=shape,
-        item_colour=colour,
-        item_pattern=pattern,
-        item_is_new=is_new,
-        user_colours=user_colours,
-        user_pattern=user_pattern,
-        user_categories=user_categories,
-        complement=complement,
-    )
-    return dataset, truth
+    return {"interactions": interactions, "items": items, "users": pd.DataFrame({"user_id": user_ids})}
 
 
 def category_names(n_categories: int) -> list[str]:

@@ -1,0 +1,190 @@
+"""Typed settings of a prepare run, built once from the ``data`` config at the entry point.
+
+:func:`towerrec.data.prepare.prepare` reads these dataclasses, never a config object. A wrong
+value is a one-line :class:`~towerrec.data.schema.DataError` naming the config field
+(``data.split.test_days: ...``), raised before any file is read.
+
+:func:`config_hash` identifies what determines a processed folder. Reports print it as the "data
+hash", so its value for a given config must not change when code moves around.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from towerrec.data.schema import DataError, RawDataset
+from towerrec.fileio import text_sha256
+
+PREPARE_VERSION = 4
+SPLIT_METHODS = ("temporal", "leave_one_out")
+
+# The hash names a source by the import path it had when data hashes were first reported, so moving a
+# loader into its own module does not change the hash of a config (and the reported data hashes).
+_HASHED_TARGET = {
+    "towerrec.data.sources.hm.load_hm": "towerrec.data.sources.load_hm",
+    "towerrec.data.sources.movielens.load_movielens": "towerrec.data.sources.load_movielens",
+    "towerrec.data.sources.table.load_table": "towerrec.data.sources.load_table",
+    "towerrec.data.sources.synthetic.generate_synthetic": "towerrec.data.synthetic.generate_synthetic",
+}
+
+
+def config_hash(data_cfg: DictConfig | Mapping) -> str:
+    """Hash of what determines the processed folder: the resolved data config and the code version.
+
+    Where the data lives (``root``, ``source.root``, ``processed_dir``) is left out, so two checkouts
+    of one commit report the same hash; what the input files hold is fingerprinted separately (the
+    manifest's ``inputs`` for staleness, its per-file sha256 under ``sources`` for reports).
+    Evaluation options (``eval``) do not change the processed tables and are left out too.
+    """
+    if isinstance(data_cfg, DictConfig):
+        cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    else:
+        cfg = json.loads(json.dumps(dict(data_cfg), default=str))  # a deep copy
+    cfg.pop("processed_dir", None)
+    cfg.pop("root", None)
+    source = cfg.get("source")
+    if isinstance(source, dict):
+        source.pop("root", None)
+        if source.get("_target_") in _HASHED_TARGET:
+            source["_target_"] = _HASHED_TARGET[source["_target_"]]
+    cfg.pop("eval", None)
+    return text_sha256(json.dumps({"v": PREPARE_VERSION, "cfg": cfg}, sort_keys=True, default=str))
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """Drop users and items with too few interactions (once, or iterated to a k-core)."""
+
+    min_user_interactions: int = 0
+    min_item_interactions: int = 0
+    kcore: bool = False
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """How interactions become train / val / test (see :func:`towerrec.data.prepare.assign_split`).
+
+    Attributes:
+        method: ``temporal`` (global cut dates) or ``leave_one_out`` (per user).
+        test_days, val_days: lengths of the temporal test and validation windows.
+        test_start, val_start: explicit temporal cut dates, instead of the window lengths.
+    """
+
+    method: str = "temporal"
+    test_days: int | None = None
+    val_days: int | None = None
+    test_start: str | None = None
+    val_start: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPLIT_METHODS:
+            raise DataError(f"data.split.method: unknown split method '{self.method}' (temporal | leave_one_out)")
+        if self.method == "temporal":
+            if self.test_start is None and self.test_days is None:
+                raise DataError("data.split.test_days: the temporal split needs test_days (or test_start)")
+            if self.val_start is None and self.val_days is None:
+                raise DataError("data.split.val_days: the temporal split needs val_days (or val_start)")
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """The hashing tokenizer of the item text: ``buckets`` hash values, ``max_tokens`` per item."""
+
+    buckets: int = 4096
+    max_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Customer lifecycle windows, in days before the end of training (see ``customer_segments``)."""
+
+    new_days: int = 30
+    active_days: int = 30
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything :func:`~towerrec.data.prepare.prepare` needs. Build it with :meth:`from_config`.
+
+    Attributes:
+        name: the dataset name, recorded in the manifest.
+        processed_dir: the folder to build.
+        root: the raw input folder, fingerprinted for staleness.
+        load: the configured source, called once per build; returns a :class:`RawDataset`.
+        image_size: side of the square image cache, in pixels.
+        config: the resolved data config, recorded in the manifest.
+        config_hash: :func:`config_hash` of that config.
+    """
+
+    name: str
+    processed_dir: Path
+    root: Path
+    load: Callable[[], RawDataset]
+    split: SplitSettings
+    filter: FilterSettings
+    text: TextSettings
+    segments: SegmentSettings
+    image_size: int
+    config: dict
+    config_hash: str
+
+    @classmethod
+    def from_config(cls, data_cfg: DictConfig) -> PrepareSettings:
+        """Check and convert the ``data`` config group; raise a one-line DataError on a bad field."""
+        from hydra.utils import instantiate  # Hydra's instantiate is needed only here
+
+        cfg = OmegaConf.to_container(data_cfg, resolve=True)
+        for key in ("name", "processed_dir", "root", "source"):
+            if cfg.get(key) is None:
+                raise DataError(f"data.{key}: missing (every data config sets it)")
+        # A partial, called later, so a DataError reaches the user as itself, not wrapped by Hydra.
+        load = instantiate(data_cfg.source, _partial_=True)
+        return cls(
+            name=str(cfg["name"]),
+            processed_dir=Path(cfg["processed_dir"]),
+            root=Path(cfg["root"]),
+            load=load,
+            split=_group(SplitSettings, cfg, "split"),
+            filter=_group(FilterSettings, cfg, "filter"),
+            text=_group(TextSettings, cfg, "text"),
+            segments=_group(SegmentSettings, cfg, "segments"),
+            image_size=_convert(cfg.get("image_size"), int, "data.image_size"),
+            config=cfg,
+            config_hash=config_hash(cfg),
+        )
+
+
+def _group(cls: type, cfg: dict, name: str) -> Any:
+    """``cls`` from the ``data.<name>`` mapping: known fields only, each converted to its type."""
+    values = cfg.get(name) or {}
+    if not isinstance(values, dict):
+        raise DataError(f"data.{name}: expected a mapping of settings, got {values!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DataError(f"data.{name}.{unknown[0]}: unknown setting (known: {', '.join(known)})")
+    kinds = {"int": int, "bool": bool, "str": str, "int | None": int, "str | None": str}
+    args = {k: _convert(v, kinds[known[k].type], f"data.{name}.{k}") for k, v in values.items()}
+    return cls(**args)
+
+
+def _convert(value: Any, kind: type, field: str) -> Any:
+    """``value`` as ``kind`` (None stays None); a one-line DataError naming ``field`` otherwise."""
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise DataError(f"{field}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise DataError(f"{field}: expected an integer, got {value!r}")
+        return int(value)
+    return str(value)

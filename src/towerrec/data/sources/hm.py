@@ -1,0 +1,160 @@
+"""The H&M Personalized Fashion Recommendations files: transactions, articles, customers, images.
+
+The H&M column names live here and only here; the rest of the pipeline sees canonical columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from towerrec.data.schema import RawDataset
+from towerrec.data.sources.readers import (
+    build_items,
+    canonical_interactions,
+    finish_interactions,
+    ordered_union,
+    scan_images,
+)
+from towerrec.data.validate import (
+    dedupe_keyed,
+    drop_invalid_prices,
+    read_csv_utf8,
+    require_columns,
+    require_ids,
+)
+from towerrec.fileio import file_fingerprint, tree_fingerprint
+
+log = logging.getLogger(__name__)
+
+HM_CATEGORICAL = [
+    "product_code",  # groups the colour variants of one product; derived from article_id where absent
+    "product_type_name",
+    "product_group_name",
+    "graphical_appearance_name",
+    "colour_group_name",
+    "perceived_colour_value_name",
+    "perceived_colour_master_name",
+    "department_name",
+    "index_name",
+    "index_group_name",
+    "section_name",
+    "garment_group_name",
+]
+# Derived from product_code: its leading digits, a coarse release cohort (codes are issued over time).
+HM_DERIVED = ["product_code_block"]
+HM_TEXT = ["prod_name", "detail_desc"]
+HM_USER_FIELDS = ["club_member_status", "fashion_news_frequency"]
+SAME_DAY_MERGED = "same_day_repeat_merged"
+
+
+def _merge_same_day(df: pd.DataFrame, repaired: Counter, file: str) -> pd.DataFrame:
+    """Merge rows of one user, item and calendar day into the first one.
+
+    The kept row gets ``quantity`` = number of rows and ``price`` = their mean; its position, timestamp
+    and channel are the first row's.
+    """
+    day = df["timestamp"].dt.floor("D")
+    keys = [df["user_id"], df["item_id"], day]
+    first = ~pd.DataFrame({"u": df["user_id"], "i": df["item_id"], "d": day}).duplicated().to_numpy()
+    n = int((~first).sum())
+    repaired[SAME_DAY_MERGED] += n
+    if not n:
+        return df.assign(quantity=np.ones(len(df), dtype="int64"))
+    groups = df.groupby(keys, sort=False)
+    out = df.assign(quantity=groups["item_id"].transform("size").astype("int64"))
+    if "price" in df:
+        out["price"] = groups["price"].transform("mean")
+    if "channel" in df:
+        conflicts = int((groups["channel"].nunique() > 1).sum())
+        if conflicts:
+            log.info("%s: %d merged same-day group(s) had several channels; kept the first", file, conflicts)
+    log.info("%s: merged %d same-day repeat row(s) into a quantity (%s)", file, n, SAME_DAY_MERGED)
+    return out[first]
+
+
+def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
+    """Load the H&M sample: purchases, article metadata, customers and product images.
+
+    The catalog is the union of ``articles.csv``, purchased articles and articles with an image file
+    (``images/<first 3 digits>/<article_id>.jpg``); missing metadata becomes "". Identical rows in
+    ``transactions.csv`` are units of one multi-quantity purchase (the file has no transaction id),
+    so they are handled by ``same_day_repeats``, not skipped as duplicates.
+
+    Args:
+        root: folder holding ``transactions.csv``, ``articles.csv``, ``customers.csv`` and ``images/``.
+        same_day_repeats: rows with the same customer, article and day: ``"merge"`` them into the
+            first row (quantity = number of rows, price = mean, counted in
+            ``repaired["same_day_repeat_merged"]`` as rows removed) or ``"keep"`` each (quantity 1).
+    """
+    if same_day_repeats not in ("merge", "keep"):
+        raise ValueError(f"same_day_repeats must be 'merge' or 'keep', got {same_day_repeats!r}")
+    root_path = Path(root).resolve()
+    paths = {n: root_path / n for n in ("transactions.csv", "articles.csv", "customers.csv")}
+    skipped: Counter = Counter()
+    repaired: Counter = Counter()
+
+    raw = read_csv_utf8(paths["transactions.csv"], dtype=str)
+    mapping = {
+        "user_id": "customer_id",
+        "item_id": "article_id",
+        "timestamp": "t_dat",
+        "price": "price",
+        "channel": "sales_channel_id",
+    }
+    tx = canonical_interactions(raw, "transactions.csv", mapping, timestamp_format="%Y-%m-%d")
+    tx, _ = drop_invalid_prices(tx, skipped, "transactions.csv")
+    if same_day_repeats == "merge":
+        tx = _merge_same_day(tx, repaired, "transactions.csv")
+    else:
+        tx = tx.assign(quantity=np.ones(len(tx), dtype="int64"))
+
+    articles = read_csv_utf8(paths["articles.csv"], dtype=str)
+    require_columns(articles, ["article_id", *HM_CATEGORICAL, *HM_TEXT], "articles.csv")
+    require_ids(articles, ["article_id"], "articles.csv")
+    articles = articles.rename(columns={"article_id": "item_id"})
+    articles = dedupe_keyed(articles, "item_id", "articles.csv", skipped, "duplicate_item_row")
+
+    images = scan_images(root_path / "images")
+    known = ordered_union(articles["item_id"], tx["item_id"])
+    image_only = sorted(set(images).difference(known))
+    items = build_items(ordered_union(known, image_only), articles, HM_CATEGORICAL + HM_TEXT, images)
+    # article_id = product code + 3-digit colour variant, so every item has its product code,
+    # including the purchased articles that articles.csv does not describe.
+    derived = items["item_id"].str[:-3].str.lstrip("0")
+    items["product_code"] = items["product_code"].str.lstrip("0").where(items["product_code"] != "", derived)
+    code = pd.to_numeric(items["product_code"], errors="coerce")
+    items["product_code_block"] = (code // 10_000).astype("Int64").astype("string").fillna("").astype(str)
+
+    customers = read_csv_utf8(paths["customers.csv"], dtype=str)
+    require_columns(customers, ["customer_id", "age", *HM_USER_FIELDS], "customers.csv")
+    require_ids(customers, ["customer_id"], "customers.csv")
+    users = pd.DataFrame({"user_id": customers["customer_id"].astype(str)})
+    users["age"] = pd.to_numeric(customers["age"], errors="coerce").astype(float)
+    bad_age = int((users["age"].isna() & customers["age"].notna()).sum())
+    if bad_age:
+        log.warning("customers.csv: %d non-numeric age value(s) read as missing", bad_age)
+    for f in HM_USER_FIELDS:
+        users[f] = customers[f].fillna("").astype(str)
+    users = dedupe_keyed(users, "user_id", "customers.csv", skipped, "duplicate_user_row")
+
+    sources = {str(p): file_fingerprint(p) for p in paths.values()}
+    sources[str(root_path / "images")] = tree_fingerprint(root_path / "images", "*.jpg")
+    log.info(
+        "H&M: %d interactions, %d items (%d with image), %d users",
+        len(tx), len(items), len(images), len(users),
+    )  # fmt: skip
+    return RawDataset(
+        interactions=finish_interactions(tx),
+        items=items,
+        users=users.reset_index(drop=True),
+        categorical=[*HM_CATEGORICAL, *HM_DERIVED],
+        text=list(HM_TEXT),
+        skipped=skipped,
+        repaired=repaired,
+        sources=sources,
+    )

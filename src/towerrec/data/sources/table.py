@@ -1,0 +1,130 @@
+"""Any interactions table (CSV, TSV or parquet), plus an optional items table, with a column mapping."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from towerrec.data.schema import INTERACTION_COLUMNS, INTERACTION_OPTIONAL, DataError, RawDataset
+from towerrec.data.sources.readers import (
+    build_items,
+    canonical_interactions,
+    finish_interactions,
+    ordered_union,
+    read_table,
+    scan_images,
+)
+from towerrec.data.validate import (
+    dedupe_keyed,
+    drop_duplicate_rows,
+    drop_invalid_prices,
+    drop_unknown_items,
+    require_columns,
+    require_ids,
+    to_id_str,
+)
+from towerrec.fileio import file_fingerprint, tree_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def load_table(
+    root: str,
+    interactions: str,
+    items: str | None = None,
+    columns: dict | None = None,
+    item_columns: dict | None = None,
+    categorical: Sequence[str] = (),
+    text: Sequence[str] = (),
+    timestamp_format: str | None = None,
+    image_dir: str | None = None,
+) -> RawDataset:
+    """Load interactions (and optionally an item table) from CSV, TSV or parquet files.
+
+    Numeric timestamps are unix seconds; strings are parsed with ``timestamp_format`` or an inferred
+    format. With an items file the catalog is that file, and interactions with other items are
+    counted skips (``unknown_item``); without one the catalog is the interacted items. Exact
+    duplicate interaction rows are counted skips (``duplicate_row``).
+
+    Args:
+        root: folder the file names are relative to.
+        interactions: interactions file name.
+        items: item table file name.
+        columns: canonical name -> source column for interactions, e.g. ``{"user_id": "customer",
+            "item_id": "sku", "timestamp": "ts", "price": "amount"}``. Unmapped canonical columns are
+            looked up by their own name; ``price``, ``quantity`` and ``channel`` are optional, and
+            any other mapped name (e.g. ``rating``) is kept as an extra column.
+        item_columns: canonical name -> source column for the items file: ``item_id``, ``image``
+            (image file, relative to ``image_dir`` or ``root``) and the categorical and text fields.
+        categorical: canonical names of the categorical item fields.
+        text: canonical names of the free-text item fields.
+        timestamp_format: strptime format of string timestamps.
+        image_dir: image folder (relative to ``root`` unless absolute); without an ``image``
+            column, images are looked up as ``<image_dir>/<item_id>.jpg``.
+    """
+    root_path = Path(root).resolve()
+    skipped: Counter = Counter()
+    columns = dict(columns or {})
+    item_columns = dict(item_columns or {})
+    categorical, text = list(categorical), list(text)
+
+    inter_path = root_path / interactions
+    raw = read_table(inter_path)
+    mapping = {c: columns.get(c, c) for c in INTERACTION_COLUMNS}
+    for c in INTERACTION_OPTIONAL:
+        if c in columns or c in raw.columns:
+            mapping[c] = columns.get(c, c)
+    mapping.update({c: s for c, s in columns.items() if c not in mapping})
+    df = canonical_interactions(raw, inter_path.name, mapping, timestamp_format)
+    if "price" in df:
+        df, _ = drop_invalid_prices(df, skipped, inter_path.name)
+    df, _ = drop_duplicate_rows(df, skipped, inter_path.name)
+
+    image_root = root_path / image_dir if image_dir is not None else root_path
+    sources = {str(inter_path): file_fingerprint(inter_path)}
+    fields = categorical + text
+    meta = None
+    if items is not None:
+        items_path = root_path / items
+        meta = read_table(items_path)
+        source_of = {c: item_columns.get(c, c) for c in ["item_id", *fields]}
+        if "image" in item_columns:
+            source_of["image"] = item_columns["image"]
+        require_columns(meta, list(source_of.values()), items_path.name)
+        meta = meta.assign(**{source_of["item_id"]: to_id_str(meta[source_of["item_id"]])})
+        require_ids(meta, [source_of["item_id"]], items_path.name)
+        meta = pd.DataFrame({c: meta[s] for c, s in source_of.items()}, index=meta.index)
+        meta = dedupe_keyed(meta, "item_id", items_path.name, skipped, "duplicate_item_row")
+        df, _ = drop_unknown_items(df, pd.Index(meta["item_id"]), skipped, inter_path.name)
+        ids = pd.Index(meta["item_id"], dtype=object)
+        sources[str(items_path)] = file_fingerprint(items_path)
+    else:
+        ids = ordered_union(df["item_id"])
+        if fields:
+            raise DataError(f"{inter_path.name}: categorical/text item fields {fields} need an items file")
+
+    if meta is not None and "image" in meta:
+        images = {}
+        for item_id, name in zip(meta["item_id"], meta["image"], strict=True):
+            if isinstance(name, str) and name.strip():
+                # Kept even when the file is missing: the image cache counts it as missing_file.
+                images[item_id] = str((image_root / name).resolve())
+        found = sum(Path(p).is_file() for p in images.values())
+        log.info("%s: %d of %d item image file(s) found", items, found, len(meta))
+    else:
+        images = scan_images(image_root) if image_dir is not None else {}
+    if image_dir is not None and image_root.is_dir():
+        sources[str(image_root)] = tree_fingerprint(image_root, "*")
+
+    return RawDataset(
+        interactions=finish_interactions(df),
+        items=build_items(ids, meta, fields, images),
+        categorical=categorical,
+        text=text,
+        skipped=skipped,
+        sources=sources,
+    )
