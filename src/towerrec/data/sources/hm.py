@@ -129,6 +129,9 @@ def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
     items["product_code"] = items["product_code"].str.lstrip("0").where(items["product_code"] != "", derived)
     code = pd.to_numeric(items["product_code"], errors="coerce")
     items["product_code_block"] = (code // 10_000).astype("Int64").astype("string").fillna("").astype(str)
+    # The display title (exports, the gallery): the product name, else its type; empty when undescribed.
+    name, kind = (items[c].fillna("").astype(str).str.strip() for c in ("prod_name", "product_type_name"))
+    items["title"] = name.where(name != "", kind)
 
     customers = read_csv_utf8(paths["customers.csv"], dtype=str)
     require_columns(customers, ["customer_id", "age", *HM_USER_FIELDS], "customers.csv")
