@@ -13,6 +13,8 @@ Writes into ``out_dir``:
   {slice: ...}}, "split", "data"}`` and each scorer's own file in ``<out_dir>/<name>/``. NaN (a slice
   without users) is written as null.
 * ``metrics.md``: the main slices as a markdown table, then every slice.
+* ``<split>_per_user.parquet`` beside each scorer's ``metrics.json``: every user's metrics in the item
+  slices, for ``towerrec-compare`` (:mod:`towerrec.evaluation.per_user`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from towerrec import CONFIG_DIR
 from towerrec.data.datamodule import EvalSplit, SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
 from towerrec.evaluation.baselines import Baseline, rank
-from towerrec.evaluation.evaluator import evaluate_split, format_table, seen_pairs
+from towerrec.evaluation.evaluator import evaluate_split, format_table, item_slices_per_user, per_user_frame, seen_pairs
 from towerrec.evaluation.metrics import score_topk
+from towerrec.evaluation.per_user import per_user_name, write_per_user
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     ks = sorted(int(k) for k in cfg.ks)
 
     results: dict[str, Results] = {}
+    per_slice: dict[str, dict] = {}  # scorer -> its item slices' per-user values
     if cfg.ckpt_path is not None:
         # Imported here so that baseline runs do not load the model code.
         from towerrec.checkpoint import checkpoint_config, load_trained
@@ -95,8 +99,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
         model, dm, _ = load_trained(cfg.ckpt_path, device=cfg.device)
         split = getattr(dm, f"{cfg.split}_split")
         topk = model_topk(model, split, max(ks), cfg.chunk_size)
+        per_slice["two_tower"] = item_slices_per_user(topk, split, dm.item_features.is_cold, ks)
         results["two_tower"] = evaluate_split(
-            topk, split, dm.item_features.is_cold, dm.item_features.train_users, ks, cfg.segments
+            topk, split, dm.item_features.is_cold, dm.item_features.train_users, ks, cfg.segments, per_slice["two_tower"]
         )
     else:
         ensure_prepared(cfg.data, workers=cfg.workers)
@@ -108,7 +113,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     for name, baseline in build_baselines(baseline_cfg).items():
         log.info("fitting and ranking %s", name)
         topk = rank(baseline.fit(dm), split, max(ks), cfg.chunk_size)
-        results[name] = evaluate_split(topk, split, f.is_cold, f.train_users, ks, cfg.segments)
+        per_slice[name] = item_slices_per_user(topk, split, f.is_cold, ks)
+        results[name] = evaluate_split(topk, split, f.is_cold, f.train_users, ks, cfg.segments, per_slice[name])
 
     meta = {
         "split": cfg.split,
@@ -120,6 +126,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
         target = out if len(results) == 1 else out / name
         target.mkdir(parents=True, exist_ok=True)
         (target / "metrics.json").write_text(json.dumps(_json_safe({**res, "model": name, **meta}), indent=2))
+        frame = per_user_frame(per_slice[name], split.user_idx.cpu().numpy())
+        write_per_user(frame, target / per_user_name(cfg.split), name, cfg.split, meta["data"])
     if len(results) > 1:
         (out / "metrics.json").write_text(json.dumps(_json_safe({"models": results, **meta}), indent=2))
 

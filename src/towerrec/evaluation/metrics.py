@@ -411,7 +411,15 @@ def bootstrap_interval(
     if len(v) == 0:
         return math.nan, math.nan
     g = torch.Generator().manual_seed(seed)
-    means = v[torch.randint(len(v), (n_resamples, len(v)), generator=g)].mean(dim=1)
+    # Resamples are drawn in blocks of about 2**22 indices (the same stream as one draw), so memory
+    # stays bounded at any number of users.
+    block = max(1, 2**22 // len(v))
+    means = torch.cat(
+        [
+            v[torch.randint(len(v), (min(block, n_resamples - start), len(v)), generator=g)].mean(dim=1)
+            for start in range(0, n_resamples, block)
+        ]
+    )
     tail = (1.0 - level) / 2
     lo, hi = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
     return lo, hi
