@@ -99,7 +99,7 @@ def test_load_results_reads_reproduce_eval_and_train_outputs(tiny_reproduction):
     # A folder of run folders resolves to the newest one holding results.
     repro = load_results(tiny_reproduction.parent)
     assert list(dict.fromkeys(repro["model"])) == [*EXPERIMENTS, *BASELINES]
-    assert set(repro["k"]) == {10, 20, 50}
+    assert set(repro["k"]) == {10, 12, 20, 50}
     assert repro[repro["kind"] == "trained"]["std"].notna().any()
     assert any(repro["slice"].str.startswith("history="))
     evaluated = load_results(tiny_reproduction / "baselines")

@@ -13,6 +13,8 @@ Writes into ``out_dir``:
   {slice: ...}}, "split", "data"}`` and each scorer's own file in ``<out_dir>/<name>/``. NaN (a slice
   without users) is written as null.
 * ``metrics.md``: the main slices as a markdown table, then every slice.
+* ``<split>_per_user.parquet`` beside each scorer's ``metrics.json``: every user's metrics in the item
+  slices, for ``towerrec-compare`` (:mod:`towerrec.evaluation.per_user`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -30,6 +33,7 @@ from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
 from towerrec.evaluation.baselines import Baseline, rank
 from towerrec.evaluation.evaluator import format_table, score_split
+from towerrec.evaluation.per_user import per_user_name, write_per_user
 from towerrec.fileio import write_json
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     ks = sorted(int(k) for k in cfg.ks)
 
     results: dict[str, Results] = {}
+    per_user: dict[str, pd.DataFrame] = {}  # scorer -> each user's values in the item slices
     if cfg.ckpt_path is not None:
         # Imported here so that baseline runs do not load the model code.
         from towerrec.models.checkpoint import load_trained
@@ -70,7 +75,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
         model, dm = load_trained(cfg.ckpt_path, device=cfg.device, force=cfg.get("force", False))
         split = dm.eval_split(cfg.split)
         topk = model.rank(split.history, max(ks), seen=split.seen, chunk_size=cfg.chunk_size).cpu()
-        results["two_tower"], _ = score_split(topk, split, dm.item_features, ks, cfg.segments)
+        results["two_tower"], per_user["two_tower"] = score_split(topk, split, dm.item_features, ks, cfg.segments)
     else:
         ensure_prepared(cfg.data, workers=cfg.workers)
         dm: SequenceDataModule = instantiate(cfg.datamodule)
@@ -80,7 +85,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     for name, baseline in build_baselines(baseline_cfg).items():
         log.info("fitting and ranking %s", name)
         topk = rank(baseline.fit(dm), split, max(ks), cfg.chunk_size)
-        results[name], _ = score_split(topk, split, dm.item_features, ks, cfg.segments)
+        results[name], per_user[name] = score_split(topk, split, dm.item_features, ks, cfg.segments)
 
     meta = {
         "split": cfg.split,
@@ -92,6 +97,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
         target = out if len(results) == 1 else out / name
         target.mkdir(parents=True, exist_ok=True)
         write_json(target / "metrics.json", {**res, "model": name, **meta})
+        write_per_user(per_user[name], target / per_user_name(cfg.split), name, cfg.split, meta["data"])
     if len(results) > 1:
         write_json(out / "metrics.json", {"models": results, **meta})
 

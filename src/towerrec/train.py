@@ -21,6 +21,7 @@ from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
 from towerrec.data.schema import DataError
 from towerrec.evaluation.evaluator import format_table, score_split
+from towerrec.evaluation.per_user import per_user_name, write_per_user
 from towerrec.fileio import write_json
 from towerrec.models.checkpoint import CheckpointError, load_trained, read_checkpoint
 from towerrec.models.two_tower import TwoTowerModule
@@ -87,7 +88,8 @@ def train(cfg: DictConfig) -> dict:
         "data": {"name": cfg.data.name, "split": dm.manifest["split"], "config_hash": dm.manifest["config_hash"]},
     }
     write_json(out / "metrics.json", metrics)
-    per_user.to_parquet(out / "test_per_user.parquet", index=False)  # for intervals pooled over seeds
+    # Each user's values: intervals pooled over seeds (towerrec-reproduce), paired tests (towerrec-compare).
+    write_per_user(per_user, out / per_user_name("test"), "two_tower", "test", metrics["data"])
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
     slices = {s: test[s] for s in cfg.print_slices if s in test}
     print(f"\nbest val {ckpt.monitor if ckpt else ''}: {val_best}  checkpoint: {best}")

@@ -203,7 +203,49 @@ def test_rank_metrics_by_hand():
         ],
     )
     assert_metric(out, "mrr@5", [1 / 2, 1.0, nan, 1 / 2, 1 / 2])
-    assert sorted(out) == sorted(f"{m}@{k}" for m in ("recall", "ndcg", "mrr", "hit") for k in (1, 3, 5))
+
+    # Average precision: sum of precision at each hit rank, over min(n targets, k).
+    assert_metric(out, "map@1", [0.0, 1.0, nan, 0.0, 0.0])
+    assert_metric(out, "map@3", [(1 / 2) / 2, (1 + 2 / 3) / 2, nan, (1 / 2) / 3, 1 / 2])
+    assert_metric(out, "map@5", [(1 / 2 + 2 / 4) / 2, (1 + 2 / 3) / 2, nan, (1 / 2) / 3, 1 / 2])
+    metrics = ("recall", "ndcg", "mrr", "hit", "map")
+    assert sorted(out) == sorted(f"{m}@{k}" for m in metrics for k in (1, 3, 5))
+
+
+def competition_apk(actual: list[int], predicted: list[int], k: int) -> float:
+    """Average precision at k as the H&M competition's reference code computes it (plain python)."""
+    score, hits = 0.0, 0
+    for i, p in enumerate(predicted[:k]):
+        if p in actual and p not in predicted[:i]:
+            hits += 1
+            score += hits / (i + 1)
+    return score / min(len(actual), k)
+
+
+def test_map_at_12_by_hand_and_against_the_competition_formula():
+    ranking = list(range(1, 13))  # items 1..12, best first
+    targets = torch.tensor(
+        [
+            list(range(1, 14)),  # 13 purchases, all 12 slots hit: AP = 12 / min(13, 12) = 1
+            [2, 5, 40] + [0] * 10,  # hits at ranks 2 and 5: (1/2 + 2/5) / 3
+            [12, 12] + [0] * 11,  # one distinct purchase, hit at rank 12: (1/12) / 1
+            [99] + [0] * 12,  # a purchase outside the list: 0
+        ]
+    )
+    out = rank_metrics(torch.tensor([ranking] * 4), targets, ks=[12])
+    assert_metric(out, "map@12", [1.0, (1 / 2 + 2 / 5) / 3, 1 / 12, 0.0])
+
+    g = torch.Generator().manual_seed(0)
+    topk = torch.stack([torch.randperm(30, generator=g)[:20] + 1 for _ in range(40)])  # distinct items
+    targets = torch.randint(0, 31, (40, 8), generator=g)  # PAD = 0 pads; repeats count once
+    targets[:, 0] = torch.randint(1, 31, (40,), generator=g)  # every user has a purchase
+    out = rank_metrics(topk, targets, ks=[12, 20])
+    for k in (12, 20):
+        expected = [
+            competition_apk(sorted(set(t) - {PAD}), p, k)
+            for t, p in zip(targets.tolist(), topk.tolist(), strict=True)
+        ]
+        torch.testing.assert_close(out[f"map@{k}"], torch.tensor(expected))
 
 
 def test_rank_metrics_target_mask_slices_warm_and_cold():

@@ -18,6 +18,7 @@ as a target.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -31,6 +32,9 @@ NEG_INF = float("-inf")
 
 SeenPairs = tuple[Tensor, Tensor]
 
+#: Memory for one chunk's ``(b, N)`` float32 score matrix when the caller does not set a chunk size.
+CHUNK_BYTES = 256 * 2**20
+
 
 def mask_seen(scores: Tensor, seen_rows: Tensor, seen_items: Tensor) -> Tensor:
     """Set ``scores[seen_rows, seen_items]`` to ``-inf`` in place and return ``scores``.
@@ -40,8 +44,21 @@ def mask_seen(scores: Tensor, seen_rows: Tensor, seen_items: Tensor) -> Tensor:
         seen_rows: ``(S,)`` row of each seen pair, in ``[0, B)``.
         seen_items: ``(S,)`` item of each seen pair, in ``[0, N)``.
     """
-    scores[seen_rows.to(scores.device), seen_items.to(scores.device)] = NEG_INF
+    scores.index_put_((seen_rows.to(scores.device), seen_items.to(scores.device)), scores.new_tensor(NEG_INF))
     return scores
+
+
+@functools.lru_cache(maxsize=8)
+def _tie_permutation(n_items: int) -> tuple[Tensor, Tensor]:
+    """:func:`tie_order` of ``n_items`` and its inverse (position of each item in the order), on the CPU.
+
+    Cached: evaluation asks for the same catalogue size once per batch. Callers must not modify the result.
+    """
+    g = torch.Generator().manual_seed(0)
+    order = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(n_items - 1, generator=g) + 1])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n_items)
+    return order, inverse
 
 
 def tie_order(n_items: int, device: torch.device | str = "cpu") -> Tensor:
@@ -51,8 +68,40 @@ def tie_order(n_items: int, device: torch.device | str = "cpu") -> Tensor:
     not gain from the order of the item ids, which follows the raw ids and, on real data, carries
     information (H&M article ids grow with the product's age). Ties are broken along this order instead.
     """
-    g = torch.Generator().manual_seed(0)
-    return torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(n_items - 1, generator=g) + 1]).to(device)
+    return _tie_permutation(n_items)[0].to(device, copy=True)
+
+
+def chunk_rows(n_items: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Users per chunk so that one chunk's ``(b, n_items)`` float32 score matrix fits ``budget_bytes``."""
+    return max(1, budget_bytes // (4 * max(n_items, 1)))
+
+
+def _topk_lower_index(scores: Tensor, k: int) -> Tensor:
+    """Top-k columns per row, best first, ties broken by the lower column; ``1 <= k <= N``, no NaN.
+
+    One ``torch.topk`` of ``k + 1`` columns settles almost every row: when the (k+1)-th value is below
+    the k-th, the chosen set is unique. Only rows where they are equal (a tie straddles the cut, or the
+    row has fewer than k finite scores) are redone over their full row, keeping the tied items with the
+    lowest columns. Each row is then ordered by (score descending, column ascending).
+    """
+    n_items = scores.shape[1]
+    values, idx = scores.topk(min(k + 1, n_items), dim=1)  # (B, k+1), NaN sorts first
+    if torch.isnan(values[:, :1]).any():
+        raise ValueError("scores contain NaN; top-k is undefined")
+    if k < n_items:
+        ambiguous = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1)
+        values, idx = values[:, :k], idx[:, :k]
+        if ambiguous.numel() > 0:
+            sub = scores[ambiguous]  # (A, N)
+            kth = values[ambiguous, k - 1 :]  # (A, 1)
+            above = sub > kth
+            tied = sub == kth
+            free = k - above.sum(dim=1, keepdim=True)  # places left for tied items
+            chosen = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= free))
+            idx[ambiguous] = chosen.nonzero()[:, 1].view(-1, k)  # row-major, so ascending per row
+    idx = idx.sort(dim=1).values  # column ascending ...
+    order = scores.gather(1, idx).sort(dim=1, descending=True, stable=True).indices  # ... then score
+    return idx.gather(1, order)
 
 
 def topk_items(scores: Tensor, k: int, shuffle_ties: bool = False) -> Tensor:
@@ -78,36 +127,16 @@ def topk_items(scores: Tensor, k: int, shuffle_ties: bool = False) -> Tensor:
     n_items = scores.shape[1]
     if not 1 <= k <= n_items:
         raise ValueError(f"k must be in [1, {n_items}] (number of items), got {k}")
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN; top-k is undefined")
     scores[:, PAD] = NEG_INF
     if scores.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.long, device=scores.device)
     if shuffle_ties:
         order = tie_order(n_items, scores.device)
-        return order[topk_items(scores[:, order], k)]
-
-    values, idx = scores.topk(k, dim=1)  # (B, k)
-    kth = values[:, -1:]  # (B, 1)
-    # The chosen set is already unique unless some item tied with the k-th score was left out.
-    n_tied = (scores == kth).sum(dim=1)
-    n_tied_kept = (values == kth).sum(dim=1)
-    ambiguous = (n_tied > n_tied_kept).nonzero().squeeze(1)
-    if ambiguous.numel() > 0:
-        sub = scores[ambiguous]  # (A, N)
-        sub_kth = kth[ambiguous]
-        above = sub > sub_kth
-        tied = sub == sub_kth
-        free = k - above.sum(dim=1, keepdim=True)  # places left for tied items
-        chosen = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= free))
-        idx[ambiguous] = chosen.nonzero()[:, 1].view(-1, k)  # row-major, so ascending per row
-
-    idx = idx.sort(dim=1).values  # item index ascending ...
-    order = scores.gather(1, idx).sort(dim=1, descending=True, stable=True).indices  # ... then score
-    return idx.gather(1, order)
+        return order[_topk_lower_index(scores[:, order], k)]
+    return _topk_lower_index(scores, k)
 
 
-def _exclude_index(exclude: Tensor | None, device: torch.device) -> Tensor | None:
+def _exclude_index(exclude: Tensor | None, device: torch.device | str) -> Tensor | None:
     """Item indices masked for every user, from a bool mask ``(N,)`` or a long index tensor."""
     if exclude is None:
         return None
@@ -117,12 +146,59 @@ def _exclude_index(exclude: Tensor | None, device: torch.device) -> Tensor | Non
     return exclude.long()
 
 
+def _sorted_seen(seen: SeenPairs | None, device: torch.device | str) -> SeenPairs | None:
+    """The seen pairs on ``device``, sorted by user row, so each chunk's pairs are one contiguous slice."""
+    if seen is None:
+        return None
+    seen_rows, seen_items = seen
+    if seen_rows.shape != seen_items.shape or seen_rows.dim() != 1:
+        raise ValueError("seen must be two 1-D tensors of equal length (user_row, item)")
+    seen_rows, seen_items = seen_rows.to(device), seen_items.to(device)
+    order = seen_rows.argsort(stable=True)
+    return seen_rows[order], seen_items[order]
+
+
+def _mask(scores: Tensor, start: int, seen: SeenPairs | None, exclude: Tensor | None) -> Tensor:
+    """Set PAD, the ``exclude`` items and the chunk's seen pairs to ``-inf`` in place.
+
+    ``seen`` comes from :func:`_sorted_seen` and ``exclude`` holds long indices, both on the scores' device
+    and in the columns' order; the chunk's users are rows ``start .. start + len(scores) - 1``.
+    """
+    scores[:, PAD] = NEG_INF
+    if exclude is not None:
+        scores[:, exclude] = NEG_INF
+    if seen is not None:
+        seen_rows, seen_items = seen
+        bounds = torch.tensor([start, start + len(scores)], dtype=seen_rows.dtype, device=seen_rows.device)
+        lo, hi = torch.searchsorted(seen_rows, bounds).tolist()
+        mask_seen(scores, seen_rows[lo:hi] - start, seen_items[lo:hi])
+    return scores
+
+
+def _chunked_topk(score_chunk: Callable[[int, int], Tensor], n_users: int, k: int, chunk_size: int) -> Tensor:
+    """Top-k columns (ties by lower column) of the masked scores ``score_chunk(start, end)``, chunk by chunk."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    out: list[Tensor] = []
+    for start in range(0, n_users, chunk_size):
+        end = min(start + chunk_size, n_users)
+        scores = score_chunk(start, end)  # (b, N)
+        if scores.dim() != 2 or scores.shape[0] != end - start:
+            raise ValueError(f"the scorer returned shape {tuple(scores.shape)} for a chunk of {end - start} users")
+        if not 1 <= k <= scores.shape[1]:
+            raise ValueError(f"k must be in [1, {scores.shape[1]}] (number of items), got {k}")
+        out.append(_topk_lower_index(scores, k))
+    if not out:
+        return torch.empty(0, k, dtype=torch.long)
+    return torch.cat(out)
+
+
 def topk_from_scorer(
     score_fn: Callable[[Tensor], Tensor],
     n_users: int,
     k: int,
     seen: SeenPairs | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = 1024,
     exclude: Tensor | None = None,
     device: torch.device | str = "cpu",
     shuffle_ties: bool = False,
@@ -135,42 +211,34 @@ def topk_from_scorer(
         n_users: number of users; rows are ``0 .. n_users - 1``.
         k: items per user.
         seen: ``(user_row, item)`` pairs, two ``(S,)`` long tensors, masked to ``-inf`` for that user.
-        chunk_size: users scored at once.
+        chunk_size: users scored at once; ``None`` keeps one chunk's scores within :data:`CHUNK_BYTES`
+            (the catalogue size is read from one user's scores).
         exclude: items masked for every user, as a ``(N,)`` bool mask or a long tensor of indices.
         device: device of the row indices passed to ``score_fn``.
-        shuffle_ties: break ties along :func:`tie_order` rather than by lower index.
+        shuffle_ties: break ties along :func:`tie_order` rather than by lower index. Every chunk's
+            columns are then permuted; :func:`score_topk` avoids that by permuting the catalogue once.
 
     Returns:
         ``(n_users, k)`` long item indices on the device of the scores.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if seen is not None:
-        # Sort the pairs by user once; each chunk is then one contiguous slice found by searchsorted.
-        seen_rows, seen_items = seen
-        if seen_rows.shape != seen_items.shape or seen_rows.dim() != 1:
-            raise ValueError("seen must be two 1-D tensors of equal length (user_row, item)")
-        order = seen_rows.argsort(stable=True)
-        seen_rows, seen_items = seen_rows[order], seen_items[order]
+    if chunk_size is None:
+        probe = score_fn(torch.zeros(1, dtype=torch.long, device=device)) if n_users else None
+        chunk_size = chunk_rows(probe.shape[-1]) if probe is not None else 1
+    seen = _sorted_seen(seen, device)
+    excluded = _exclude_index(exclude, device)
+    orders: dict[int, Tensor] = {}  # the tie order, once the first chunk tells the catalogue size
 
-    out: list[Tensor] = []
-    for start in range(0, n_users, chunk_size):
-        end = min(start + chunk_size, n_users)
-        rows = torch.arange(start, end, device=device)
-        scores = score_fn(rows)  # (b, N)
-        if scores.shape[0] != end - start:
-            raise ValueError(f"score_fn returned {scores.shape[0]} rows for a chunk of {end - start} users")
-        if seen is not None:
-            bounds = torch.tensor([start, end], dtype=seen_rows.dtype, device=seen_rows.device)
-            lo, hi = torch.searchsorted(seen_rows, bounds).tolist()
-            mask_seen(scores, seen_rows[lo:hi] - start, seen_items[lo:hi])
-        excluded = _exclude_index(exclude, scores.device)
-        if excluded is not None:
-            scores[:, excluded] = NEG_INF
-        out.append(topk_items(scores, k, shuffle_ties=shuffle_ties))
-    if not out:
-        return torch.empty(0, k, dtype=torch.long)
-    return torch.cat(out)
+    def score_chunk(start: int, end: int) -> Tensor:
+        scores = _mask(score_fn(torch.arange(start, end, device=device)), start, seen, excluded)
+        if not shuffle_ties:
+            return scores
+        n_items = scores.shape[1]
+        if n_items not in orders:
+            orders[n_items] = tie_order(n_items, scores.device)
+        return scores[:, orders[n_items]]  # PAD stays in column 0
+
+    top = _chunked_topk(score_chunk, n_users, k, chunk_size)
+    return next(iter(orders.values()))[top] if orders else top
 
 
 def score_topk(
@@ -178,44 +246,57 @@ def score_topk(
     item_emb: Tensor,
     k: int,
     seen: SeenPairs | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     exclude: Tensor | None = None,
     shuffle_ties: bool = True,
 ) -> Tensor:
     """Exact top-k items by dot product for every user, over the whole catalogue.
 
     Ties are broken along :func:`tie_order` by default: items a model embeds identically (an ID-only
-    model's cold items) then fill the top-k in an order unrelated to their ids.
+    model's cold items) then fill the top-k in an order unrelated to their ids. The catalogue is permuted
+    into that order once, so each chunk costs one matrix product, one ``torch.topk`` and a scatter of
+    ``-inf`` for the masked items.
 
     Args:
         user_emb: ``(U, D)`` user embeddings.
         item_emb: ``(N, D)`` item embeddings on the same device; row 0 is the padding item.
         k: items per user.
         seen: ``(user_row, item)`` pairs over the U users, masked per user.
-        chunk_size: users scored at once; the result does not depend on it.
+        chunk_size: users scored at once; ``None`` keeps one chunk's scores within :data:`CHUNK_BYTES`.
+            The result does not depend on it.
         exclude: items masked for every user, as a ``(N,)`` bool mask or a long tensor of indices.
         shuffle_ties: ``False`` breaks ties by lower index, as the baselines do.
 
     Returns:
         ``(U, k)`` long item indices, best first.
     """
+    device = user_emb.device
+    n_items = item_emb.shape[0]
+    if chunk_size is None:
+        chunk_size = chunk_rows(n_items)
+    seen = _sorted_seen(seen, device)
+    excluded = _exclude_index(exclude, device)
+    order: Tensor | None = None
+    if shuffle_ties and n_items > 0:
+        order, inverse = (t.to(device) for t in _tie_permutation(n_items))
+        item_emb = item_emb[order]  # ties along the tie order are now ties along the column
+        if seen is not None:
+            seen = (seen[0], inverse[seen[1]])
+        if excluded is not None:
+            excluded = inverse[excluded]
     item_t = item_emb.T  # (D, N)
-    return topk_from_scorer(
-        lambda rows: user_emb[rows] @ item_t,  # (b, N)
-        n_users=user_emb.shape[0],
-        k=k,
-        seen=seen,
-        chunk_size=chunk_size,
-        exclude=exclude,
-        device=user_emb.device,
-        shuffle_ties=shuffle_ties,
-    )
+
+    def score_chunk(start: int, end: int) -> Tensor:
+        return _mask(user_emb[start:end] @ item_t, start, seen, excluded)  # (b, N)
+
+    top = _chunked_topk(score_chunk, user_emb.shape[0], k, chunk_size)
+    return top if order is None else order[top]
 
 
 def rank_metrics(
     topk: Tensor, targets: Tensor, ks: list[int], target_mask: Tensor | None = None
 ) -> dict[str, Tensor]:
-    """Per-user Recall, NDCG, MRR and HitRate at each k, vectorised over users.
+    """Per-user Recall, NDCG, MRR, HitRate and average precision at each k, vectorised over users.
 
     Targets are a user's *distinct* held-out items: ``PAD`` entries are ignored and an item repeated in a
     row counts once. ``target_mask`` keeps only some targets (a slice, e.g. cold items): hits count only on
@@ -226,6 +307,8 @@ def rank_metrics(
     - ``ndcg@k = sum_r h_r / log2(r + 1)`` divided by the ideal ``sum_{r=1}^{min(n, k)} 1 / log2(r + 1)``
     - ``mrr@k = 1 / r`` of the first hit within k, else 0
     - ``hit@k = 1`` if any hit within k, else 0
+    - ``map@k = sum_r P(r) h_r / min(n, k)``, with the precision ``P(r) = sum_{j<=r} h_j / r``: average
+      precision at k, whose mean over users is the H&M competition's MAP@12 at ``k = 12``
 
     Users with ``n = 0`` get NaN for every metric, so ``aggregate`` leaves them out.
 
@@ -236,7 +319,8 @@ def rank_metrics(
         target_mask: ``(U, T)`` bool, True for the targets that count.
 
     Returns:
-        ``{"recall@k": (U,), "ndcg@k": (U,), "mrr@k": (U,), "hit@k": (U,)}`` float tensors for each k.
+        ``{"recall@k": (U,), "ndcg@k": (U,), "mrr@k": (U,), "hit@k": (U,), "map@k": (U,)}`` float
+        tensors for each k.
     """
     if topk.dim() != 2 or targets.dim() != 2 or topk.shape[0] != targets.shape[0]:
         raise ValueError(
@@ -281,11 +365,13 @@ def rank_metrics(
         any_hit = n_hits > 0
         first = h.argmax(dim=1)  # first maximum, i.e. the first hit when there is one
         ideal = ideal_cum[(n_targets.clamp(min=1, max=k) - 1)]
+        precision = h.cumsum(dim=1) / ranks[:k]  # (U, k): P(r), hits in the first r over r
         metrics = {
             f"recall@{k}": n_hits / n_targets.clamp(min=1),
             f"ndcg@{k}": (h * discount[:k]).sum(dim=1) / ideal,
             f"mrr@{k}": torch.where(any_hit, 1.0 / (first + 1).float(), 0.0),
             f"hit@{k}": any_hit.float(),
+            f"map@{k}": (precision * h).sum(dim=1) / n_targets.clamp(min=1, max=k),
         }
         for name, value in metrics.items():
             out[name] = torch.where(has_targets, value, nan)
@@ -325,7 +411,15 @@ def bootstrap_interval(
     if len(v) == 0:
         return math.nan, math.nan
     g = torch.Generator().manual_seed(seed)
-    means = v[torch.randint(len(v), (n_resamples, len(v)), generator=g)].mean(dim=1)
+    # Resamples are drawn in blocks of about 2**22 indices (the same stream as one draw), so memory
+    # stays bounded at any number of users.
+    block = max(1, 2**22 // len(v))
+    means = torch.cat(
+        [
+            v[torch.randint(len(v), (min(block, n_resamples - start), len(v)), generator=g)].mean(dim=1)
+            for start in range(0, n_resamples, block)
+        ]
+    )
     tail = (1.0 - level) / 2
     lo, hi = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
     return lo, hi
