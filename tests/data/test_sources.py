@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -352,9 +351,7 @@ needs_hm = pytest.mark.skipif(
 @pytest.mark.hm
 @needs_hm
 def test_hm_sample_counts_keep():
-    start = time.perf_counter()
-    data = load_hm(str(HM_ROOT), same_day_repeats="keep")
-    elapsed = time.perf_counter() - start
+    data = load_hm(str(HM_ROOT), same_day_repeats="keep")  # its speed: scripts/bench_prepare.py
     tx, items = data.interactions, data.items
     assert len(tx) == 31_662
     assert len(data.users) == 1_364 and tx["user_id"].nunique() == 1_364
@@ -375,7 +372,6 @@ def test_hm_sample_counts_keep():
     assert len(set(with_meta["item_id"]) & purchased) == 4_116
     assert items.set_index("item_id").loc[list(purchased), "image_path"].notna().all()
     assert sum(data.skipped.values()) == 0
-    assert elapsed < 5.0
 
 
 @pytest.mark.hm
