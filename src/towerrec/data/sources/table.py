@@ -90,15 +90,7 @@ def load_table(
     meta = None
     if items is not None:
         items_path = root_path / items
-        meta = read_table(items_path)
-        source_of = {c: item_columns.get(c, c) for c in ["item_id", *fields]}
-        if "image" in item_columns:
-            source_of["image"] = item_columns["image"]
-        require_columns(meta, list(source_of.values()), items_path.name)
-        meta = meta.assign(**{source_of["item_id"]: to_id_str(meta[source_of["item_id"]])})
-        require_ids(meta, [source_of["item_id"]], items_path.name)
-        meta = pd.DataFrame({c: meta[s] for c, s in source_of.items()}, index=meta.index)
-        meta = dedupe_keyed(meta, "item_id", items_path.name, skipped, "duplicate_item_row")
+        meta = _read_items(items_path, item_columns, fields, skipped)
         df, _ = drop_unknown_items(df, pd.Index(meta["item_id"]), skipped, inter_path.name)
         ids = pd.Index(meta["item_id"], dtype=object)
         sources[str(items_path)] = file_fingerprint(items_path)
@@ -108,13 +100,7 @@ def load_table(
             raise DataError(f"{inter_path.name}: categorical/text item fields {fields} need an items file")
 
     if meta is not None and "image" in meta:
-        images = {}
-        for item_id, name in zip(meta["item_id"], meta["image"], strict=True):
-            if isinstance(name, str) and name.strip():
-                # Kept even when the file is missing: the image cache counts it as missing_file.
-                images[item_id] = str((image_root / name).resolve())
-        found = sum(Path(p).is_file() for p in images.values())
-        log.info("%s: %d of %d item image file(s) found", items, found, len(meta))
+        images = _image_paths(meta, image_root, items)
     else:
         images = scan_images(image_root) if image_dir is not None else {}
     if image_dir is not None and image_root.is_dir():
@@ -128,3 +114,28 @@ def load_table(
         skipped=skipped,
         sources=sources,
     )
+
+
+def _read_items(path: Path, item_columns: dict, fields: list[str], skipped: Counter) -> pd.DataFrame:
+    """The items file as canonical columns (``item_id``, the fields, optional ``image``), one row per id."""
+    meta = read_table(path)
+    source_of = {c: item_columns.get(c, c) for c in ["item_id", *fields]}
+    if "image" in item_columns:
+        source_of["image"] = item_columns["image"]
+    require_columns(meta, list(source_of.values()), path.name)
+    meta = meta.assign(**{source_of["item_id"]: to_id_str(meta[source_of["item_id"]])})
+    require_ids(meta, [source_of["item_id"]], path.name)
+    meta = pd.DataFrame({c: meta[s] for c, s in source_of.items()}, index=meta.index)
+    return dedupe_keyed(meta, "item_id", path.name, skipped, "duplicate_item_row")
+
+
+def _image_paths(meta: pd.DataFrame, image_root: Path, items_file: str) -> dict[str, str]:
+    """item_id -> absolute image path from the items file's ``image`` column (relative to ``image_root``)."""
+    images = {}
+    for item_id, name in zip(meta["item_id"], meta["image"], strict=True):
+        if isinstance(name, str) and name.strip():
+            # Kept even when the file is missing: the image cache counts it as missing_file.
+            images[item_id] = str((image_root / name).resolve())
+    found = sum(Path(p).is_file() for p in images.values())
+    log.info("%s: %d of %d item image file(s) found", items_file, found, len(meta))
+    return images
