@@ -33,7 +33,13 @@ from towerrec import CONFIG_DIR
 from towerrec.data.datamodule import EvalSplit, SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
 from towerrec.evaluation.baselines import Baseline, rank
-from towerrec.evaluation.evaluator import evaluate_split, format_table, item_slices_per_user, per_user_frame, seen_pairs
+from towerrec.evaluation.evaluator import (
+    evaluate_split,
+    format_table,
+    item_slices_per_user,
+    per_user_frame,
+    seen_pairs,
+)
 from towerrec.evaluation.metrics import score_topk
 from towerrec.evaluation.per_user import per_user_name, write_per_user
 
