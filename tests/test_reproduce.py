@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,15 @@ import pytest
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
 from towerrec import PROJECT_ROOT
-from towerrec.reproduce import format_reproduce_table, load_results, mean_std, pooled_intervals, reproduce
+from towerrec.evaluation.report import (
+    best_baseline,
+    compare_to_baseline,
+    format_reproduce_table,
+    load_results,
+    mean_std,
+    pooled_intervals,
+)
+from towerrec.reproduce import reproduce
 
 EXPERIMENTS = ["synthetic_fusion", "synthetic_no_image"]
 BASELINES = ["popularity", "repurchase"]
@@ -55,16 +64,32 @@ def test_table_has_header_and_a_mean_std_row_per_model(tiny_reproduction):
         assert head.stdout.strip() in md
     assert "**wall time**" in md and "**split**: temporal" in md and "**seeds**: 0, 1" in md
     assert "**intervals**" in md and f"= {20 / manifest['counts']['items']:.4f}" in md  # chance level
-    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| slice")]
+    assert "**paired tests**" in md
+    header, rows = table_rows(md)
+    assert header[:3] == ["slice", "model", "users"] and "MAP@12" in header
+    (vs,) = [c for c in header if c.startswith("vs ")]
+    best = vs.removeprefix("vs ").split(":")[0]
+    assert best in BASELINES and vs == f"vs {best}: ΔRecall@20 (p)"
     for sl in ("all", "warm_items", "cold_items"):
         for name in EXPERIMENTS:
-            (row,) = [r for r in rows if r.startswith(f"| {sl} | {name} |")]
-            assert row.count("±") >= 3  # recall, NDCG, MRR (coverage only in "all")
-            assert row.rstrip(" |").endswith("]")  # the Recall@20 interval
+            (row,) = [r for r in rows if r[:2] == [sl, name]]
+            assert sum("±" in c for c in row) >= 3  # recall, NDCG, MRR (coverage only in "all")
+            assert row[header.index("Recall@20 95% interval")].endswith("]")
+            verdict = row[header.index(vs)]
+            assert re.fullmatch(r"[+-]\d\.\d{4} \(p = \d\.\d{4}\) (better|worse|not distinguishable)", verdict), verdict
         for name in BASELINES:
-            (row,) = [r for r in rows if r.startswith(f"| {sl} | {name} |")]
-            assert "±" not in row
+            (row,) = [r for r in rows if r[:2] == [sl, name]]
+            assert not any("±" in c for c in row)
+            if name == best:
+                assert row[header.index(vs)] == "best baseline"
     assert len(rows) == 3 * (len(EXPERIMENTS) + len(BASELINES))
+
+
+def table_rows(md: str) -> tuple[list[str], list[list[str]]]:
+    """The header cells and the rows' cells of the markdown table in ``md``."""
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    return cells[0], cells[2:]
 
 
 def test_json_holds_metrics_in_range_and_means_of_the_runs(tiny_reproduction):
@@ -90,6 +115,22 @@ def test_json_holds_metrics_in_range_and_means_of_the_runs(tiny_reproduction):
         for sl in ("all", "warm_items", "cold_items"):
             lo, hi = model["interval"][sl]["recall@20"]
             assert lo <= model["metrics"][sl]["recall@20"] <= hi, (name, sl)
+    # Paired tests against the best baseline by Recall@20 of "all": the mean difference over the users is
+    # the difference of the means (every test user is in every run), the p-value a probability.
+    best = result["header"]["comparison"]["baseline"]
+    recall = {n: m["metrics"]["all"]["recall@20"] for n, m in result["models"].items()}
+    assert best == max(BASELINES, key=recall.get)
+    for name, model in result["models"].items():
+        if name == best:
+            assert "vs_best" not in model
+            continue
+        for sl in ("all", "warm_items", "cold_items"):
+            test = model["vs_best"][sl]
+            assert 0.0 < test["p_value"] <= 1.0 and test["verdict"] in ("better", "worse", "not distinguishable")
+            assert test["lo"] <= test["mean_diff"] <= test["hi"]
+        assert model["vs_best"]["all"]["mean_diff"] == pytest.approx(recall[name] - recall[best])
+        assert model["vs_best"]["all"]["users"] == model["metrics"]["all"]["users"]
+        assert 0.0 <= model["metrics"]["all"]["map@12"] <= 1.0
     assert result["models"]["synthetic_no_image"]["overrides"][-1] == "model.item_tower.image_encoder=null"
     # The baselines ran through towerrec-eval, which wrote its own files.
     assert (tiny_reproduction / "baselines" / "metrics.md").is_file()
@@ -132,13 +173,39 @@ def test_mean_std_and_table_cells():
         "two_tower": {"metrics": mean, "std": std},
         "popularity": {"metrics": {"all": {"recall@20": 0.1, "users": 10, "mrr@20": math.nan}}},
     }
-    table = format_reproduce_table(models, ["all", "cold_items"], k=20).splitlines()
-    assert table[2] == "| all | two_tower | 10 | 0.3000 ± 0.1414 | – | – | – | – |"
-    assert table[3] == "| all | popularity | 10 | 0.1000 | – | – | – | – |"
-    assert len(table) == 4  # no cold_items slice in either model
+    header, rows = table_rows(format_reproduce_table(models, ["all", "cold_items"], k=20))
+    assert header == ["slice", "model", "users", "Recall@20", "NDCG@20", "MRR@20", "MAP@12", "coverage@20", "Recall@20 95% interval"]
+    assert rows == [
+        ["all", "two_tower", "10", "0.3000 ± 0.1414", "–", "–", "–", "–", "–"],
+        ["all", "popularity", "10", "0.1000", "–", "–", "–", "–", "–"],
+    ]  # no cold_items slice in either model
     models["popularity"]["interval"] = {"all": {"recall@20": [0.05, 0.15]}}
-    table = format_reproduce_table(models, ["all"], k=20).splitlines()
-    assert table[3] == "| all | popularity | 10 | 0.1000 | – | – | – | [0.0500, 0.1500] |"
+    models["two_tower"]["vs_best"] = {"all": {"mean_diff": 0.2, "p_value": 0.0312, "verdict": "better"}}
+    header, rows = table_rows(format_reproduce_table(models, ["all"], k=20, vs="popularity"))
+    assert header[-1] == "vs popularity: ΔRecall@20 (p)"
+    assert rows[0][-1] == "+0.2000 (p = 0.0312) better"
+    assert rows[1][-2:] == ["[0.0500, 0.1500]", "best baseline"]
+
+
+def test_best_baseline_and_paired_comparison_by_hand():
+    models = {
+        "fusion": {"kind": "trained", "metrics": {"all": {"recall@20": 0.9}}},
+        "popularity": {"kind": "baseline", "metrics": {"all": {"recall@20": 0.2}}},
+        "repurchase": {"kind": "baseline", "metrics": {"all": {"recall@20": 0.3}}},
+        "random": {"kind": "baseline", "metrics": {"all": {"recall@20": math.nan}}},
+    }
+    assert best_baseline(models, "recall@20") == "repurchase"
+    assert best_baseline({"fusion": models["fusion"]}, "recall@20") is None
+    per_user = {
+        # fusion's users 1..3 against repurchase's 2..4: users 2 and 3 are paired, d = (1, 1)
+        "fusion": pd.DataFrame({"user_idx": [1, 2, 3], "all/recall@20": [0.0, 1.0, 1.0]}),
+        "repurchase": pd.DataFrame({"user_idx": [2, 3, 4], "all/recall@20": [0.0, 0.0, 1.0]}),
+    }
+    out = compare_to_baseline(per_user, "repurchase", "recall@20", ["all", "cold_items"])
+    assert list(out) == ["fusion"] and list(out["fusion"]) == ["all"]  # no cold_items column
+    test = out["fusion"]["all"]
+    assert test["users"] == 2 and test["mean_diff"] == 1.0
+    assert test["p_value"] == pytest.approx(2 / 4) and test["verdict"] == "not distinguishable"  # sums 2, 0, 0, -2
 
 
 def test_pooled_intervals_average_each_user_over_seeds_first():

@@ -15,17 +15,19 @@ Writes into ``out_dir``::
 
 Beside mean ± std over seeds, every model gets a 95% bootstrap interval over the test users of its recall
 and NDCG in the item slices: for a trained model each user's values are averaged over the seeds first, so
-the interval is about the users sampled, given the seeds run.
+the interval is about the users sampled, given the seeds run. Every model is also compared with the best
+baseline (by Recall@k of ``all``), paired over the test users: the mean difference and a sign-flip
+p-value, marked better, worse or not distinguishable at 0.05.
+
+This module runs; :mod:`towerrec.evaluation.report` formats the tables and reads results back
+(:func:`~towerrec.evaluation.report.load_results`, which the evaluation notebook uses).
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import math
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -40,14 +42,24 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec import CONFIG_DIR, PROJECT_ROOT
 from towerrec.data.prepare import config_hash, ensure_prepared, read_manifest
-from towerrec.evaluation.evaluator import ITEM_SLICES, intervals
+from towerrec.evaluation.per_user import per_user_name
+from towerrec.evaluation.report import (
+    Slices,
+    best_baseline,
+    compare_to_baseline,
+    duration,
+    format_header,
+    format_reproduce_table,
+    interval_pairs,
+    mean_std,
+    pooled_intervals,
+    pooled_per_user,
+    read_baseline_per_user,
+)
+from towerrec.evaluation.stats import ALPHA, N_FLIPS
+from towerrec.fileio import json_safe, write_json
 
 log = logging.getLogger(__name__)
-
-Slices = dict[str, dict[str, float]]
-
-#: Metrics of the table, at ``cfg.k``; coverage exists for the ``all`` slice only.
-TABLE_METRICS = [("recall", "Recall"), ("ndcg", "NDCG"), ("mrr", "MRR"), ("coverage", "coverage")]
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
@@ -118,153 +130,6 @@ def data_fingerprint(manifest: dict) -> dict:
     }
 
 
-def mean_std(runs: list[Slices]) -> tuple[Slices, Slices]:
-    """Mean and sample standard deviation of every slice's metrics over runs (NaN where undefined)."""
-    mean: Slices = {}
-    std: Slices = {}
-    for sl in dict.fromkeys(s for run in runs for s in run):
-        names = dict.fromkeys(m for run in runs for m in run.get(sl, {}))
-        mean[sl], std[sl] = {}, {}
-        for m in names:
-            values = [run.get(sl, {}).get(m) for run in runs]
-            values = [math.nan if v is None else float(v) for v in values]
-            mean[sl][m] = statistics.fmean(values)
-            std[sl][m] = statistics.stdev(values) if len(values) > 1 else math.nan
-    return mean, std
-
-
-def pooled_intervals(frames: list[pd.DataFrame], ks: list[int]) -> dict[str, dict[str, list[float]]]:
-    """95% bootstrap intervals over users of each user's metric averaged over runs (seeds).
-
-    Args:
-        frames: one ``test_per_user.parquet`` table per run (``user_idx`` and ``<slice>/<metric>@k``).
-        ks: cut-offs.
-
-    Returns:
-        ``{slice: {metric@k: [low, high]}}`` for :data:`ITEM_SLICES` x ``evaluator.INTERVAL_METRICS``.
-    """
-    per_user = pd.concat(frames).groupby("user_idx").mean()  # NaN (no target in the slice) stays NaN
-    slices: Slices = {}
-    for sl in ITEM_SLICES:
-        values = {
-            col.split("/", 1)[1]: torch.tensor(per_user[col].to_numpy(dtype="float64"))
-            for col in per_user
-            if col.startswith(f"{sl}/")
-        }
-        if values:
-            slices[sl] = intervals(values, ks)
-    return interval_pairs(slices)
-
-
-def interval_pairs(slices: Slices) -> dict[str, dict[str, list[float]]]:
-    """``{slice: {metric@k: [low, high]}}`` from the ``recall_lo@k``, ``recall_hi@k``... keys that
-    :func:`~towerrec.evaluation.evaluator.intervals` writes (a baseline's slices carry them too)."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for sl, values in slices.items():
-        for key, lo in values.items():
-            if "_lo@" in key:
-                metric, k = key.split("_lo@")
-                out.setdefault(sl, {})[f"{metric}@{k}"] = [lo, values.get(f"{metric}_hi@{k}", math.nan)]
-    return out
-
-
-def _interval_cell(interval: list[float] | None) -> str:
-    if not interval or any(v is None or v != v for v in interval):
-        return "–"
-    return f"[{interval[0]:.4f}, {interval[1]:.4f}]"
-
-
-def _cell(value: float | None, std: float | None) -> str:
-    if value is None or value != value:
-        return "–"
-    if std is None or std != std:
-        return f"{value:.4f}"
-    return f"{value:.4f} ± {std:.4f}"
-
-
-def format_reproduce_table(models: dict[str, dict], slices: list[str], k: int) -> str:
-    """A markdown table: one row per (slice, model), the metrics at ``k``, ``mean ± std`` where known, and
-    the 95% interval of Recall@k over users."""
-    cols = [f"{label}@{k}" for _, label in TABLE_METRICS] + [f"Recall@{k} 95% interval"]
-    lines = ["| slice | model | users | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
-    for sl in slices:
-        for name, model in models.items():
-            values = model["metrics"].get(sl)
-            if values is None:
-                continue
-            stds = model.get("std", {}).get(sl, {})
-            cells = [_cell(values.get(f"{m}@{k}"), stds.get(f"{m}@{k}")) for m, _ in TABLE_METRICS]
-            cells.append(_interval_cell(model.get("interval", {}).get(sl, {}).get(f"recall@{k}")))
-            users = values.get("users")
-            users = "" if users is None or users != users else int(users)
-            lines.append(f"| {sl} | {name} | {users} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
-
-
-def format_header(header: dict) -> str:
-    """The markdown lines above the table: data, commit, wall time, split, seeds, runs."""
-    data, git, split = header["data"], header["git"], header["split"]
-    lines = [
-        f"# Reproduction: {data['name']}, {split['name']} split, full ranking",
-        "",
-        f"- **data hash** (manifest config_hash): `{data['config_hash']}`",
-    ]
-    for path, inp in data["inputs"].items():
-        kind = "listing sha256" if inp["folder"] else "sha256"
-        lines.append(f"  - `{Path(path).name}` {kind} `{inp['sha256']}` ({inp['bytes']:,} bytes)")
-    if data["generator"]:
-        params = ", ".join(f"{key}={value}" for key, value in data["generator"].items())
-        lines.append(f"  - generated: {params}")
-    dirty = {True: " (dirty: uncommitted changes)", False: "", None: ""}[git["dirty"]]
-    lines.append(f"- **commit**: `{git['commit']}`{dirty}")
-    env = header["environment"]
-    over = " — over budget" if header["wall_seconds"] > 60 * header["budget_minutes"] else ""
-    steps = ", ".join(f"{step} {_duration(sec)}" for step, sec in header["timings_seconds"].items())
-    lines.append(
-        f"- **wall time**: {_duration(header['wall_seconds'])} ({steps}; budget {header['budget_minutes']} min{over}); "
-        f"{env['torch_threads']} torch threads, torch {env['torch']}, python {env['python']}"
-    )
-    details = ", ".join(f"{key} {value}" for key, value in split.items() if key not in ("name", "method"))
-    lines.append(f"- **split**: {split['method']}" + (f" ({details})" if details else ""))
-    lines.append(
-        f"- **seeds**: {', '.join(map(str, header['seeds']))} — trained models: mean ± sample std over seeds; "
-        "baselines: one run"
-    )
-    for name, overrides in header["experiments"].items():
-        lines.append(f"  - `{name}`: `{' '.join(overrides)}`")
-    lines.append(
-        "- **intervals**: 95% percentile bootstrap over the test users (1,000 resamples), of each user's "
-        "value averaged over the seeds for a trained model"
-    )
-    n_items = data["counts"].get("items")
-    if n_items:
-        lines.append(
-            f"- **chance level**: a random ranking of all {n_items:,} items has an expected Recall@{header['k']} "
-            f"of {header['k']} / {n_items:,} = {header['k'] / n_items:.4f} (without seen-item masking)"
-        )
-    if header["train_overrides"]:
-        lines.append(f"- **every training run**: `{' '.join(header['train_overrides'])}`")
-    if header.get("command"):
-        lines.append(f"- **command**: `{header['command']}`")
-    return "\n".join(lines)
-
-
-def _json_safe(value):
-    """NaN as null, recursively (a slice without users has NaN metrics)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def _command() -> str | None:
     """The reproduce command line when run by Hydra, for the header."""
     if not HydraConfig.initialized():
@@ -310,6 +175,23 @@ def run_baselines(cfg: DictConfig, train_cfg: DictConfig, out: Path, ks: list[in
         eval_cfg.datamodule = OmegaConf.create(OmegaConf.to_container(train_cfg.datamodule, resolve=True))
         eval_cfg.workers = train_cfg.workers
     return evaluate(eval_cfg)
+
+
+def compare_models(
+    models: dict[str, dict], per_user: dict[str, pd.DataFrame], metric: str, slices: list[str]
+) -> dict | None:
+    """Pair every model with the best baseline by ``metric`` of ``all``; sets ``models[name]["vs_best"]``.
+
+    Returns:
+        What the header says about the tests (the baseline, metric, flips, level), or None without a
+        baseline.
+    """
+    best = best_baseline(models, metric)
+    if best is None or best not in per_user:
+        return None
+    for name, slices_diff in compare_to_baseline(per_user, best, metric, slices, n_flips=N_FLIPS).items():
+        models[name]["vs_best"] = slices_diff
+    return {"baseline": best, "metric": metric, "flips": N_FLIPS, "alpha": ALPHA}
 
 
 def reproduce(cfg: DictConfig) -> dict:
@@ -379,10 +261,15 @@ def reproduce(cfg: DictConfig) -> dict:
     timings["training"] = sum(r["seconds"] for rs in trained.values() for r in rs)
 
     models: dict[str, dict] = {}
+    per_user: dict[str, pd.DataFrame] = {}  # each model's per-user test metrics, trained ones over seeds
     for name, rs in trained.items():
         mean, std = mean_std([r.pop("test") for r in rs])
-        frames = [out / r["dir"] / "test_per_user.parquet" for r in rs]
-        interval = pooled_intervals([pd.read_parquet(f) for f in frames], ks) if all(f.is_file() for f in frames) else {}
+        frames = [out / r["dir"] / per_user_name("test") for r in rs]
+        interval = {}
+        if all(f.is_file() for f in frames):
+            tables = [pd.read_parquet(f) for f in frames]
+            interval = pooled_intervals(tables, ks)
+            per_user[name] = pooled_per_user(tables)
         overrides = run_overrides(name, cfg.variants)
         seeds = [r["seed"] for r in rs]
         models[name] = {
@@ -396,10 +283,12 @@ def reproduce(cfg: DictConfig) -> dict:
         }
     for name, slices in baselines.items():
         models.setdefault(name, {"kind": "baseline", "metrics": slices, "interval": interval_pairs(slices)})
+        per_user.setdefault(name, read_baseline_per_user(out / "baselines", name))
+    comparison = compare_models(models, per_user, f"recall@{cfg.k}", list(cfg.slices))
 
     wall = time.perf_counter() - t0
     if wall > 60 * cfg.budget_minutes:
-        log.warning("the reproduction took %s, over the %d min budget", _duration(wall), cfg.budget_minutes)
+        log.warning("the reproduction took %s, over the %d min budget", duration(wall), cfg.budget_minutes)
     header = {
         "data": data_fingerprint(manifest),
         "git": git,
@@ -411,6 +300,7 @@ def reproduce(cfg: DictConfig) -> dict:
         "k": cfg.k,
         "ks": ks,
         "experiments": {name: m["overrides"] for name, m in models.items() if m["kind"] == "trained"},
+        "comparison": comparison,
         "train_overrides": list(cfg.train_overrides),
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -421,76 +311,13 @@ def reproduce(cfg: DictConfig) -> dict:
             "machine": platform.machine(),
         },
     }
-    result = _json_safe({"header": header, "models": models})
-    (out / "reproduce.json").write_text(json.dumps(result, indent=2))
-    text = f"{format_header(header)}\n\n{format_reproduce_table(models, list(cfg.slices), cfg.k)}\n"
+    result = json_safe({"header": header, "models": models})
+    write_json(out / "reproduce.json", result)
+    vs = comparison["baseline"] if comparison else None
+    text = f"{format_header(header)}\n\n{format_reproduce_table(models, list(cfg.slices), cfg.k, vs)}\n"
     (out / "reproduce.md").write_text(text)
     print(f"\n{text}\nwritten: {out / 'reproduce.md'}, {out / 'reproduce.json'}")
     return result
-
-
-# ----------------------------------------------------------------------------- reading results back
-def results_file(path: str | Path) -> Path:
-    """The results file at ``path``: a ``reproduce.json`` or ``metrics.json``, a folder holding one, or a
-    folder of run folders (``outputs/reproduce``), whose newest holding one is taken."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    for name in ("reproduce.json", "metrics.json"):
-        if (path / name).is_file():
-            return path / name
-    found = [p for name in ("reproduce.json", "metrics.json") for p in path.glob(f"*/{name}")]
-    if not found:
-        raise FileNotFoundError(f"{path}: no reproduce.json or metrics.json here or in its subfolders")
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
-def load_results(path: str | Path) -> pd.DataFrame:
-    """Every model's metrics from a towerrec-reproduce, towerrec-eval or towerrec-train output, as a long table.
-
-    Args:
-        path: a results file or folder, as :func:`results_file` accepts.
-
-    Returns:
-        Columns ``model``, ``kind`` (trained | baseline), ``slice``, ``users``, ``metric`` (recall, ndcg,
-        mrr, hit, coverage, ...), ``k``, ``value`` and ``std`` (NaN for a single run).
-    """
-    data = json.loads(results_file(path).read_text())
-    if "header" in data:  # towerrec-reproduce
-        models = {n: (m["kind"], m["metrics"], m.get("std", {})) for n, m in data["models"].items()}
-    elif "test" in data:  # towerrec-train
-        models = {"two_tower": ("trained", data["test"], {})}
-    else:  # towerrec-eval: several scorers, or one at the top level
-        scorers = data["models"] if "models" in data else {data["model"]: data}
-        models = {
-            n: (
-                "trained" if n == "two_tower" else "baseline",
-                {s: v for s, v in r.items() if isinstance(v, dict) and s != "data"},
-                {},
-            )
-            for n, r in scorers.items()
-        }
-    rows = []
-    for name, (kind, slices, stds) in models.items():
-        for sl, values in slices.items():
-            for key, value in values.items():
-                if "@" not in key:
-                    continue
-                metric, k = key.split("@")
-                std = stds.get(sl, {}).get(key)
-                rows.append(
-                    {
-                        "model": name,
-                        "kind": kind,
-                        "slice": sl,
-                        "users": values.get("users"),
-                        "metric": metric,
-                        "k": int(k),
-                        "value": math.nan if value is None else value,
-                        "std": math.nan if std is None else std,
-                    }
-                )
-    return pd.DataFrame(rows)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="reproduce")

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 import towerrec
+from towerrec.compare import compare
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared, is_up_to_date
 from towerrec.evaluate import evaluate
@@ -27,6 +28,7 @@ from towerrec.evaluation.baselines import (
     rank,
 )
 from towerrec.evaluation.evaluator import evaluate_split
+from towerrec.evaluation.per_user import read_per_user
 
 SYNTHETIC = [
     "data=synthetic",
@@ -197,6 +199,10 @@ def test_cli_writes_metrics_for_one_baseline(synthetic, synthetic_dir, tmp_path)
     assert metrics["data"] == {"name": "synthetic", "config_hash": synthetic.manifest["config_hash"]}
     assert 0 < metrics["all"]["recall@20"] <= metrics["all"]["recall@50"]
     assert "| popularity | all |" in " ".join((tmp_path / "metrics.md").read_text().split())
+    per_user, meta = read_per_user(tmp_path)  # test_per_user.parquet, as towerrec-train writes
+    assert meta == {"model": "popularity", "split": "test", "data": metrics["data"]}
+    assert per_user["all/recall@20"].mean() == pytest.approx(metrics["all"]["recall@20"])
+    assert per_user["all/map@12"].mean() == pytest.approx(metrics["all"]["map@12"])
 
 
 def test_cli_all_baselines_write_one_table(synthetic, synthetic_dir, tmp_path):
@@ -220,6 +226,13 @@ def test_cli_all_baselines_write_one_table(synthetic, synthetic_dir, tmp_path):
     assert (tmp_path / "repurchase" / "metrics.json").is_file()
     # The floor: popularity beats random on the shop's skewed demand.
     assert results["popularity"]["all"]["ndcg@10"] > results["random"]["all"]["ndcg@10"]
+    # Every scorer has its per-user file, so any two can be compared; a scorer against itself is a tie.
+    assert all((tmp_path / n / "val_per_user.parquet").is_file() for n in names)
+    same, _, _ = compare(tmp_path / "repurchase", tmp_path / "repurchase", split="val", n_flips=100, n_resamples=100)
+    assert (same["mean_diff"] == 0).all() and (same["p_value"] == 1).all()
+    against, _, _ = compare(tmp_path / "popularity", tmp_path / "random", ["ndcg@10"], split="val", n_flips=100, n_resamples=100)
+    row = against.set_index("slice").loc["all"]
+    assert row["mean_diff"] == pytest.approx(results["popularity"]["all"]["ndcg@10"] - results["random"]["all"]["ndcg@10"])
 
 
 def test_cli_needs_something_to_evaluate(tmp_path):
@@ -271,3 +284,7 @@ def test_cli_checkpoint_matches_the_training_test_metrics(tiny_train_cfg, tmp_pa
     for name, value in trained["test"]["all"].items():
         assert results["two_tower"]["all"][name] == pytest.approx(value, nan_ok=True), name
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["model"] == "two_tower"
+    # towerrec-train's per-user file (identified by its metrics.json) pairs with towerrec-eval's: no difference.
+    same, train_meta, _ = compare(cfg.paths.output_dir, tmp_path / "eval", n_flips=100, n_resamples=100)
+    assert train_meta["data"]["config_hash"] == trained["data"]["config_hash"]
+    assert len(same) > 0 and (same["mean_diff"].fillna(0) == 0).all()

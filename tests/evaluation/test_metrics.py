@@ -11,6 +11,7 @@ from towerrec.evaluation.metrics import (
     PAD,
     aggregate,
     bootstrap_interval,
+    chunk_rows,
     coverage_at_k,
     intra_list_diversity_at_k,
     mask_seen,
@@ -359,3 +360,35 @@ def test_intra_list_diversity_by_hand(chunk_size):
     )
     with pytest.raises(ValueError, match="k must be"):
         intra_list_diversity_at_k(topk, features, k=1)
+
+
+def test_scorer_path_with_shuffled_ties_equals_score_topk_and_the_budgeted_chunks():
+    g = torch.Generator().manual_seed(2)
+    user_emb = torch.randint(-2, 3, (30, 4), generator=g).float()  # many ties
+    item_emb = torch.randint(-2, 3, (60, 4), generator=g).float()
+    seen = (torch.randint(0, 30, (90,), generator=g), torch.randint(0, 60, (90,), generator=g))
+    exclude = torch.tensor([5, 17])
+    expected = score_topk(user_emb, item_emb, 12, seen=seen, exclude=exclude, chunk_size=7)
+    assert torch.equal(score_topk(user_emb, item_emb, 12, seen=seen, exclude=exclude), expected)  # chunk from budget
+    scores = user_emb @ item_emb.T
+    for chunk_size in (4, None):
+        via_scorer = topk_from_scorer(
+            lambda rows: scores[rows].clone(), 30, 12, seen=seen, chunk_size=chunk_size, exclude=exclude, shuffle_ties=True
+        )
+        assert torch.equal(via_scorer, expected)
+
+
+def test_chunk_size_follows_the_memory_budget():
+    assert chunk_rows(1_000_000) == 67  # 256 MiB of float32 scores per chunk
+    assert chunk_rows(25_000) == 2684
+    assert chunk_rows(1_000, budget_bytes=4_000 * 10) == 10
+    assert chunk_rows(10**12) == 1  # at least one user
+
+
+def test_nan_only_matters_where_it_could_be_ranked():
+    scores = torch.tensor([[0.0, math.nan, 1.0, 2.0], [math.nan, 3.0, 1.0, 2.0]])
+    seen = (torch.tensor([0]), torch.tensor([1]))  # user 0's NaN item is seen, user 1's NaN is PAD
+    top = topk_from_scorer(lambda rows: scores[rows].clone(), 2, 2, seen=seen)
+    assert top.tolist() == [[3, 2], [1, 3]]
+    with pytest.raises(ValueError, match="NaN"):
+        topk_from_scorer(lambda rows: scores[rows].clone(), 2, 2)
