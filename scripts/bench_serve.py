@@ -199,10 +199,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--export", type=Path, help="an export folder written by towerrec-export")
-    src.add_argument("--synthetic", type=int, metavar="N", help="benchmark N random unit vectors (built once)")
+    src.add_argument(
+        "--synthetic", type=int, metavar="N", help="benchmark N random unit vectors (built once)"
+    )
     p.add_argument("--out", type=Path, help="--synthetic: where the export goes (reused when it exists)")
     p.add_argument("--dim", type=int, default=64, help="--synthetic: vector size (default 64)")
-    p.add_argument("--index", default="ivf_flat", help="--synthetic: configs/index/<name>.yaml (default ivf_flat)")
+    p.add_argument(
+        "--index", default="ivf_flat", help="--synthetic: configs/index/<name>.yaml (default ivf_flat)"
+    )
     p.add_argument("--checkpoint", type=Path, help="--synthetic: user-tower checkpoint of the same dim")
     p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default 16)")
     p.add_argument("--requests", type=int, default=2000, help="requests per phase (default 2000)")
@@ -267,10 +271,16 @@ def main(argv: list[str] | None = None) -> None:
 
         async def reload(client):
             t = time.perf_counter()
-            res = await client.post("/v1/admin/reload", headers={"Authorization": f"Bearer {token}"}, timeout=600)
+            res = await client.post(
+                "/v1/admin/reload", headers={"Authorization": f"Bearer {token}"}, timeout=600
+            )
             return {"reload": res.json(), "reload_s": time.perf_counter() - t}
 
-        mixed = [x for pair in zip(similar_q, recommend_q, strict=True) for x in (sim(pair[0]), ("POST", "/v1/recommend", pair[1]))]
+        mixed = [
+            x
+            for pair in zip(similar_q, recommend_q, strict=True)
+            for x in (sim(pair[0]), ("POST", "/v1/recommend", pair[1]))
+        ]
         http_mix = asyncio.run(drive(url, mixed[:n], args.clients, args.time_limit * 2, at_half=reload))
     finally:
         server.terminate()
@@ -285,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     local_rec = in_process(index, "recommend", recommend_q, args.time_limit)
 
     for path, http, local in (("similar", http_sim, local_sim), ("recommend", http_rec, local_rec)):
-        r_http, r_local = row(label, f"{path} HTTP ({args.clients} clients)", http), row(label, f"{path} in-process", local)
+        r_http, r_local = (
+            row(label, f"{path} HTTP ({args.clients} clients)", http),
+            row(label, f"{path} in-process", local),
+        )
         r_http["HTTP / in-process QPS"] = r_http["QPS"] / r_local["QPS"]
         rows += [r_http, r_local]
     mix_row = row(label, f"similar+recommend HTTP, reload mid-load ({args.clients} clients)", http_mix)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,15 +43,24 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = ["timeout", str(SERVER_LIFETIME_S), *serve_command(export, self.port, *extra)]
         self._log_file = open(log, "w")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env())
+        self.proc = subprocess.Popen(
+            serve_command(export, self.port, *extra),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env(),
+        )
+        self._reaper = threading.Timer(SERVER_LIFETIME_S, self.proc.kill)  # it stops by itself
+        self._reaper.daemon = True
+        self._reaper.start()
 
     def wait_ready(self, timeout: float = 240) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"towerrec-serve exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"towerrec-serve exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return self
@@ -60,6 +70,7 @@ class Server:
         raise RuntimeError(f"towerrec-serve not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
+        self._reaper.cancel()
         self.proc.terminate()
         try:
             self.proc.wait(20)
@@ -78,7 +89,10 @@ def serve_exports(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
     from towerrec.retrieval import export_index
 
     root = tmp_path_factory.mktemp("serve_exports")
-    out = {name: export_index(tiny_ckpt, index_spec(name), root / name, n_queries=100) for name in ("flat", "hnsw")}
+    out = {
+        name: export_index(tiny_ckpt, index_spec(name), root / name, n_queries=100)
+        for name in ("flat", "hnsw")
+    }
     out["served"] = Path(shutil.copytree(out["flat"], root / "served"))
     out["tampered"] = Path(shutil.copytree(out["flat"], root / "tampered"))
     with open(out["tampered"] / "item_embeddings.npy", "r+b") as f:  # same size, one byte changed

@@ -31,7 +31,9 @@ def browse(url: str, *args: str) -> str:
     with tempfile.TemporaryDirectory() as profile:
         out = subprocess.run(
             [BROWSER, *FLAGS, f"--user-data-dir={profile}", *(args or ["--dump-dom"]), url],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
@@ -111,7 +113,9 @@ def test_gallery_recommend_box(server):
     page = Page(browse(f"{server.url}/?history={','.join(ids)}"))
     assert page.state == "recommend", page.texts.get("error")
     assert [c["item_id"] for c in page.cards] == [h["item_id"] for h in api["results"]]
-    assert all(f"because {h['because']}" in c["text"] for c, h in zip(page.cards, api["results"], strict=True))
+    assert all(
+        f"because {h['because']}" in c["text"] for c, h in zip(page.cards, api["results"], strict=True)
+    )
 
 
 @needs_browser

@@ -6,9 +6,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -48,7 +50,11 @@ def test_health_export_summary_item_and_image(api, local):
 
     summary = api.get("/v1/export").json()
     m = local.manifest
-    assert (summary["count"], summary["cold_count"], summary["factory"]) == (m["count"], m["cold_count"], m["factory"])
+    assert (summary["count"], summary["cold_count"], summary["factory"]) == (
+        m["count"],
+        m["cold_count"],
+        m["factory"],
+    )
     assert summary["data"]["config_hash"] == m["data"]["config_hash"]
     assert summary["recall"] == m["recall"] and summary["model"]["dim"] == m["model"]["dim"]
     assert "processed_dir" not in summary["data"]  # no server paths in the summary
@@ -88,7 +94,9 @@ def test_similar_matches_cli_and_python_api(api, local, serve_exports, capsys):
         cli = cli_json(capsys, *args, *(["--exclude", ",".join(exclude)] if exclude else []))
         assert served == cli
         assert served["results"] == [h.to_dict() for h in local.similar_items(item_id, k=7, exclude=exclude)]
-        assert len(served["results"]) == 7 and not {item_id, *exclude} & {h["item_id"] for h in served["results"]}
+        assert len(served["results"]) == 7 and not {item_id, *exclude} & {
+            h["item_id"] for h in served["results"]
+        }
     # The repeated-parameter form of exclude is the same query.
     rep = api.get(f"/v1/items/{warm}/similar", params=[("k", 7), *[("exclude", e) for e in exclude]]).json()
     assert rep == served
@@ -114,11 +122,16 @@ def test_batch_forms_equal_single_queries(api, local):
     queries = [{"item_id": ids[0], "k": 3}, {"item_id": ids[1], "k": 5, "exclude": [ids[2]]}]
     batch = api.post("/v1/similar", json={"queries": queries}).json()["responses"]
     singles = [
-        api.get(f"/v1/items/{q['item_id']}/similar", params={"k": q["k"], "exclude": q.get("exclude", [])}).json()
+        api.get(
+            f"/v1/items/{q['item_id']}/similar", params={"k": q["k"], "exclude": q.get("exclude", [])}
+        ).json()
         for q in queries
     ]
     assert batch == singles
-    recs = [{"history": ids[3:5], "k": 4}, {"history": [ids[7]], "exclude": [ids[8]], "k": 2, "keep_history": True}]
+    recs = [
+        {"history": ids[3:5], "k": 4},
+        {"history": [ids[7]], "exclude": [ids[8]], "k": 2, "keep_history": True},
+    ]
     batch = api.post("/v1/recommend/batch", json={"queries": recs}).json()["responses"]
     assert batch == [api.post("/v1/recommend", json=r).json() for r in recs]
 
@@ -153,7 +166,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status", "words"), BAD, ids=[f"{b[3]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "words"), BAD, ids=[f"{b[3]}-{i}" for i, b in enumerate(BAD)]
+)
 def test_bad_requests_get_4xx_with_one_line(api, local, method, path, body, status, words):
     a, b = local.items["item_id"].iloc[0], local.items["item_id"].iloc[1]
     path = path.format(a=a, b=b)
@@ -231,7 +246,9 @@ def test_reload_under_concurrent_requests(server, api, serve_exports):
     before = api.get("/readyz").json()["manifest_sha256"]
     ids = load_export(served).items["item_id"].tolist()[:30]
     stop, failures, counts = threading.Event(), [], []
-    threads = [threading.Thread(target=_hammer, args=(server.url, ids, stop, failures, counts)) for _ in range(4)]
+    threads = [
+        threading.Thread(target=_hammer, args=(server.url, ids, stop, failures, counts)) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     try:
@@ -244,7 +261,9 @@ def test_reload_under_concurrent_requests(server, api, serve_exports):
         res = api.post("/v1/admin/reload", headers=AUTH)
         assert res.status_code == 200, res.text
         new_sha = load_export(serve_exports["hnsw"]).manifest["manifest_sha256"]
-        assert res.json()["reloaded"] and res.json()["previous"] == before and res.json()["serving"] == new_sha
+        assert (
+            res.json()["reloaded"] and res.json()["previous"] == before and res.json()["serving"] == new_sha
+        )
         n_at_reload = len(counts)
         while len(counts) < n_at_reload + 20:
             threading.Event().wait(0.05)
@@ -271,6 +290,16 @@ def test_reload_under_concurrent_requests(server, api, serve_exports):
     assert api.get("/v1/export").json()["factory"] == load_export(serve_exports["hnsw"]).manifest["factory"]
 
 
+def test_sighup_reloads_too(server, api):
+    before = api.get("/v1/export").json()["reloads"]
+    os.kill(server.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 120
+    while api.get("/v1/export").json()["reloads"] == before:
+        assert time.monotonic() < deadline, "SIGHUP did not reload"
+        time.sleep(0.2)
+    assert server.proc.poll() is None and api.get("/readyz").status_code == 200
+
+
 def test_item_to_item_serving_does_not_import_the_training_stack(serve_exports):
     """A fresh process: build the app, answer a similar-items request, look at ``sys.modules``."""
     code = f"""
@@ -279,7 +308,7 @@ import httpx
 import towerrec.retrieval
 retrieval_only = sorted(sys.modules)
 from towerrec.serve import ServeSettings, create_app
-app = create_app(ServeSettings(export={str(serve_exports['flat'])!r}))
+app = create_app(ServeSettings(export={str(serve_exports["flat"])!r}))
 async def go():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         item = (await c.get("/v1/export")).json()["example_item_ids"][0]

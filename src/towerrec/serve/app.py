@@ -1,7 +1,9 @@
 """The FastAPI app: versioned JSON endpoints over one :class:`~towerrec.serve.state.ExportHolder`.
 
 Endpoints are plain ``def`` functions, so FastAPI runs them on its thread pool: a FAISS search or a
-user-tower pass never blocks the event loop. Errors come back as ``{"detail": "<one line>"}``.
+user-tower pass never blocks the event loop. Query endpoints return their JSON directly (the response
+models document it in OpenAPI without re-validating every result). Errors come back as
+``{"detail": "<one line>"}``.
 """
 
 from __future__ import annotations
@@ -179,7 +181,12 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
         version="1",
         summary="Similar items and history recommendations from a verified towerrec export",
         lifespan=lifespan,
-        responses={400: {"model": Problem}, 404: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem}},
+        responses={
+            400: {"model": Problem},
+            404: {"model": Problem},
+            413: {"model": Problem},
+            422: {"model": Problem},
+        },
     )
     app.state.holder = holder
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
@@ -197,7 +204,9 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error ({type(err).__name__}); see the server log"}, status_code=500)
+        return JSONResponse(
+            {"detail": f"internal error ({type(err).__name__}); see the server log"}, status_code=500
+        )
 
     # ------------------------------------------------------------------ checks shared by the endpoints
     def check_query(k: int, *id_lists: list[str]) -> None:
@@ -205,11 +214,15 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
             raise HTTPException(422, f"k: {k} is above this server's max_k of {settings.max_k}")
         for ids in id_lists:
             if len(ids) > settings.max_items:
-                raise HTTPException(413, f"{len(ids)} ids in one list, over this server's limit of {settings.max_items}")
+                raise HTTPException(
+                    413, f"{len(ids)} ids in one list, over this server's limit of {settings.max_items}"
+                )
 
     def check_batch(n: int) -> None:
         if n > settings.max_batch:
-            raise HTTPException(413, f"{n} queries in one batch, over this server's limit of {settings.max_batch}")
+            raise HTTPException(
+                413, f"{n} queries in one batch, over this server's limit of {settings.max_batch}"
+            )
 
     def similar(served: Served, q: SimilarRequest) -> dict:
         check_query(q.k, q.exclude)
@@ -242,13 +255,21 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
                 hits = idx.recommend(q.history, k=q.k, exclude=q.exclude, exclude_history=not q.keep_history)
         else:
             hits = idx.recommend(q.history, k=q.k, exclude=q.exclude, exclude_history=not q.keep_history)
-        return {"query": {"history": list(q.history)}, "exclude": list(q.exclude), "results": [h.to_dict() for h in hits]}
+        return {
+            "query": {"history": list(q.history)},
+            "exclude": list(q.exclude),
+            "results": [h.to_dict() for h in hits],
+        }
 
     def admin(authorization: Annotated[str | None, Header()] = None) -> None:
         if not settings.admin_token:
-            raise HTTPException(403, f"admin endpoints are off: start towerrec-serve with --admin-token or {TOKEN_ENV}")
+            raise HTTPException(
+                403, f"admin endpoints are off: start towerrec-serve with --admin-token or {TOKEN_ENV}"
+            )
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.encode(), settings.admin_token.encode()
+        ):
             raise HTTPException(401, "admin token missing or wrong (send Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
@@ -320,7 +341,9 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
             raise HTTPException(404, _unknown(idx, [item_id])) from None
         # Only the path recorded in the export's item table is read; nothing from the request.
         if d.image and Path(d.image).is_file():
-            return FileResponse(d.image, media_type=mimetypes.guess_type(d.image)[0] or "application/octet-stream")
+            return FileResponse(
+                d.image, media_type=mimetypes.guess_type(d.image)[0] or "application/octet-stream"
+            )
         pixels = idx.image(item_id)
         if pixels is None:
             raise HTTPException(404, f"item {item_id} has no image in this export")
@@ -330,32 +353,32 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
         Image.fromarray(pixels).save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
 
-    @app.get(f"{API}/items/{{item_id}}/similar", response_model=Results, response_model_exclude_unset=True,
+    @app.get(f"{API}/items/{{item_id}}/similar", response_model=Results,
              tags=["queries"])  # fmt: skip
-    def similar_items(item_id: str, params: Annotated[SimilarQuery, Query()]) -> dict:
+    def similar_items(item_id: str, params: Annotated[SimilarQuery, Query()]) -> JSONResponse:
         """Items most similar to ``item_id`` (the product page); cold items go through their content path."""
         q = SimilarRequest(item_id=item_id, k=params.k, exclude=_ids(params.exclude))
-        return similar(holder.current, q)
+        return JSONResponse(similar(holder.current, q))
 
-    @app.post(f"{API}/similar", response_model=BatchResults, response_model_exclude_unset=True, tags=["queries"])
-    def similar_batch(body: SimilarBatch) -> dict:
+    @app.post(f"{API}/similar", response_model=BatchResults, tags=["queries"])
+    def similar_batch(body: SimilarBatch) -> JSONResponse:
         """Many item-to-item queries in one request, answered from one export."""
         check_batch(len(body.queries))
         served = holder.current
-        return {"responses": [similar(served, q) for q in body.queries]}
+        return JSONResponse({"responses": [similar(served, q) for q in body.queries]})
 
-    @app.post(f"{API}/recommend", response_model=Results, response_model_exclude_unset=True, tags=["queries"])
-    def recommend_one(body: RecommendRequest) -> dict:
+    @app.post(f"{API}/recommend", response_model=Results, tags=["queries"])
+    def recommend_one(body: RecommendRequest) -> JSONResponse:
         """Items for a purchase history (the cart, the home page); each result says ``because``."""
-        return recommend(holder.current, body)
+        return JSONResponse(recommend(holder.current, body))
 
-    @app.post(f"{API}/recommend/batch", response_model=BatchResults, response_model_exclude_unset=True,
+    @app.post(f"{API}/recommend/batch", response_model=BatchResults,
               tags=["queries"])  # fmt: skip
-    def recommend_batch(body: RecommendBatch) -> dict:
+    def recommend_batch(body: RecommendBatch) -> JSONResponse:
         """Many history queries in one request, answered from one export."""
         check_batch(len(body.queries))
         served = holder.current
-        return {"responses": [recommend(served, q) for q in body.queries]}
+        return JSONResponse({"responses": [recommend(served, q) for q in body.queries]})
 
     @app.post(f"{API}/admin/reload", tags=["admin"], dependencies=[Depends(admin)])
     async def reload() -> JSONResponse:

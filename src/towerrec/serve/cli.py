@@ -18,17 +18,25 @@ from towerrec.serve.app import SETTINGS_ENV, TOKEN_ENV, ServeSettings, create_ap
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="towerrec-serve", description=__doc__.split("\n")[0].split(": ", 1)[1])
     p.add_argument("--export", required=True, help="export folder written by towerrec-export")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)"
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own copy of the export")
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes, each with its own copy of the export"
+    )
     p.add_argument("--threads", type=int, default=1, help="FAISS and torch threads per worker (default 1)")
     p.add_argument("--gpu", default="false", help="search on GPU: auto | true | false (default false)")
     p.add_argument("--admin-token", default=os.environ.get(TOKEN_ENV),
                    help=f"enables POST /v1/admin/reload and SIGHUP reload (default: ${TOKEN_ENV}; unset: off)")  # fmt: skip
     p.add_argument("--max-k", type=int, default=100, help="largest k a query may ask for (default 100)")
     p.add_argument("--max-batch", type=int, default=100, help="most queries per batch request (default 100)")
-    p.add_argument("--max-items", type=int, default=500, help="most ids in one history or exclude list (default 500)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
+    p.add_argument(
+        "--max-items", type=int, default=500, help="most ids in one history or exclude list (default 500)"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)"
+    )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     args = p.parse_args(argv)

@@ -17,7 +17,8 @@ class SimilarQuery(_Strict):
 
     k: int = Field(10, ge=1, le=K_CAP, description="results to return")
     exclude: list[str] = Field(
-        default_factory=list, description="raw item ids to leave out (repeat the parameter or join with commas)"
+        default_factory=list,
+        description="raw item ids to leave out (repeat the parameter or join with commas)",
     )
 
 
@@ -57,7 +58,9 @@ class HitOut(BaseModel):
     title: str
     image: str | None
     is_cold: bool
-    because: str | None = Field(None, description="history queries: the history item most similar to this one")
+    because: str | None = Field(
+        None, description="history queries: the history item most similar to this one"
+    )
     because_score: float | None = None
 
 

@@ -68,7 +68,9 @@ class ExportHolder:
         index: an already verified export of ``path`` (the CLI verifies before it starts uvicorn).
     """
 
-    def __init__(self, path: str | Path, gpu: str = "false", threads: int = 1, index: ItemIndex | None = None):
+    def __init__(
+        self, path: str | Path, gpu: str = "false", threads: int = 1, index: ItemIndex | None = None
+    ):
         self.path = Path(path)
         self.gpu = gpu
         self.threads = threads
