@@ -1,0 +1,323 @@
+"""Load-test ``towerrec-serve``: QPS and p50/p95/p99 latency over HTTP, beside the same queries in-process.
+
+The script starts ``towerrec-serve`` on 127.0.0.1 (a free port) as a subprocess and drives it from C
+concurrent ``httpx.AsyncClient`` clients with a fixed number of requests and a time limit per phase:
+``similar`` (GET /v1/items/{id}/similar), ``recommend`` (POST /v1/recommend), then a mixed phase with
+one admin reload in the middle. The same queries are then answered in this process through the Python
+API (``load_export(...).similar_items`` / ``.recommend``, one thread). Prints a markdown table.
+
+    python scripts/bench_serve.py --export exports/flat
+    python scripts/bench_serve.py --synthetic 1000000 --index ivf_flat --out /tmp/syn1m   # builds it once
+
+``--synthetic N`` writes an export of N random unit vectors (no training of the items; a tiny
+checkpoint of the same dim is trained once for the user tower, or pass ``--checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from towerrec.fileio import markdown_table
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+# ---------------------------------------------------------------------- a synthetic export, no training
+def synthetic_export(out: Path, n: int, dim: int, index_name: str, ckpt: Path, seed: int = 0) -> Path:
+    """Write an export folder of ``n`` random unit vectors in ``dim``-d, in the format ``towerrec-export``
+    writes (and ``load_export`` verifies), with ``ckpt`` as its user tower."""
+    import faiss
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from towerrec import CONFIG_DIR
+    from towerrec.fileio import atomic_folder, file_sha256, folder_files
+    from towerrec.retrieval.export import (
+        EMBEDDINGS_FILE,
+        FORMAT,
+        INDEX_FILE,
+        ITEMS_FILE,
+        MANIFEST_FILE,
+        manifest_digest,
+    )
+    from towerrec.retrieval.index import METRIC_NAME, build_index, measure_recall, normalized
+
+    rng = np.random.default_rng(seed)
+    vectors = normalized(rng.standard_normal((n, dim), dtype=np.float32))
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    items = pd.DataFrame({
+        "item_idx": ids,
+        "item_id": [f"X{i:08d}" for i in ids],
+        "title": [f"synthetic item {i}" for i in ids],
+        "image_path": None,
+        "is_cold": rng.random(n) < 0.1,
+        "has_image": False,
+    })  # fmt: skip
+    spec = instantiate(OmegaConf.load(Path(CONFIG_DIR) / "index" / f"{index_name}.yaml"))
+    t0 = time.perf_counter()
+    built = build_index(spec, vectors, ids)
+    print(f"built {built.factory} over {n} vectors in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    queries = vectors[rng.choice(n, 200, replace=False)]
+    recall = {"k": 10, "reference": "exact inner-product search", "item_queries": 200,
+              "recall_item": measure_recall(built.index, vectors, ids, queries, 10), "recall_user": None}  # fmt: skip
+    with atomic_folder(out) as tmp:
+        faiss.write_index(built.index, str(tmp / INDEX_FILE))
+        items.to_parquet(tmp / ITEMS_FILE, index=False)
+        np.save(tmp / EMBEDDINGS_FILE, vectors)
+        manifest = {
+            "format": FORMAT,
+            "checkpoint": {"path": str(ckpt.resolve()), "sha256": file_sha256(ckpt)},
+            "data": {"name": f"random_unit_{n}x{dim}", "config_hash": None},
+            "model": {"dim": dim, "max_history": 50},
+            "index": {"name": spec.name, "spec": asdict(built.spec), "device": built.device},
+            "factory": built.factory,
+            "metric": METRIC_NAME,
+            "dim": dim,
+            "count": n,
+            "cold_count": int(items["is_cold"].sum()),
+            "recall": recall,
+            "image_cache": None,
+            "files": folder_files(tmp, [INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE]),
+        }
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def tiny_checkpoint(root: Path, dim: int) -> Path:
+    """A two-batch checkpoint on a small synthetic shop whose user tower reads ``dim``-d item vectors."""
+    from hydra import compose, initialize_config_dir
+
+    from towerrec import CONFIG_DIR
+    from towerrec.train import train
+
+    overrides = [
+        f"data.processed_dir={root / 'processed'}", f"paths.output_dir={root / 'run'}",
+        "data.source.n_users=200", "data.source.n_items=150", "data.source.n_interactions=3000",
+        "data.image_size=16", f"model.dim={dim}", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+        "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.lr_monitor", "logger=none",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return Path(train(cfg)["best_checkpoint"])
+
+
+# ---------------------------------------------------------------------- load
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(lat_s: list[float]) -> dict[str, float]:
+    if not lat_s:
+        return {"p50 ms": float("nan"), "p95 ms": float("nan"), "p99 ms": float("nan")}
+    p = np.percentile(np.asarray(lat_s) * 1000, [50, 95, 99])
+    return {"p50 ms": p[0], "p95 ms": p[1], "p99 ms": p[2]}
+
+
+async def drive(url: str, requests: list[tuple[str, str, dict]], clients: int, time_limit: float,
+                at_half=None) -> dict:  # fmt: skip
+    """Send ``requests`` (method, path, params-or-json) from ``clients`` concurrent clients; stop at the time limit.
+
+    ``at_half``: an async callable run once, when half the requests have been sent (the reload).
+    """
+    latencies, errors, samples = [], 0, []
+    next_i = 0
+    deadline = time.perf_counter() + time_limit
+    half_result = {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+        async def worker():
+            nonlocal next_i, errors
+            while next_i < len(requests) and time.perf_counter() < deadline:
+                i = next_i
+                next_i += 1
+                if at_half is not None and i == len(requests) // 2:
+                    half_result.update(await at_half(client))
+                method, path, body = requests[i]
+                t0 = time.perf_counter()
+                try:
+                    if method == "GET":
+                        res = await client.get(path, params=body)
+                    else:
+                        res = await client.post(path, json=body)
+                    ok = res.status_code == 200
+                except httpx.HTTPError as err:
+                    ok, res = False, err
+                latencies.append(time.perf_counter() - t0)
+                if not ok:
+                    errors += 1
+                    if len(samples) < 3:
+                        samples.append(getattr(res, "text", repr(res))[:200])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"done": len(latencies), "errors": errors, "wall": wall, "latencies": latencies,
+            "samples": samples, **half_result}  # fmt: skip
+
+
+def in_process(index, kind: str, queries: list, time_limit: float) -> dict:
+    """The same queries through the Python API, one thread."""
+    latencies, deadline = [], time.perf_counter() + time_limit
+    t0 = time.perf_counter()
+    for q in queries:
+        if time.perf_counter() > deadline:
+            break
+        t = time.perf_counter()
+        if kind == "similar":
+            index.similar_items(q["item_id"], k=q["k"])
+        else:
+            index.recommend(q["history"], k=q["k"])
+        latencies.append(time.perf_counter() - t)
+    return {"done": len(latencies), "errors": 0, "wall": time.perf_counter() - t0, "latencies": latencies}
+
+
+def row(label: str, path: str, r: dict) -> dict:
+    return {"export": label, "query": path, "requests": r["done"], "errors": r["errors"],
+            "QPS": r["done"] / r["wall"] if r["wall"] else float("nan"), **percentiles(r["latencies"])}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--export", type=Path, help="an export folder written by towerrec-export")
+    src.add_argument(
+        "--synthetic", type=int, metavar="N", help="benchmark N random unit vectors (built once)"
+    )
+    p.add_argument("--out", type=Path, help="--synthetic: where the export goes (reused when it exists)")
+    p.add_argument("--dim", type=int, default=64, help="--synthetic: vector size (default 64)")
+    p.add_argument(
+        "--index", default="ivf_flat", help="--synthetic: configs/index/<name>.yaml (default ivf_flat)"
+    )
+    p.add_argument("--checkpoint", type=Path, help="--synthetic: user-tower checkpoint of the same dim")
+    p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default 16)")
+    p.add_argument("--requests", type=int, default=2000, help="requests per phase (default 2000)")
+    p.add_argument("--time-limit", type=float, default=60, help="seconds per phase at most (default 60)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--history-len", type=int, default=5, help="items per recommend history (default 5)")
+    p.add_argument("--threads", type=int, default=1, help="towerrec-serve --threads (default 1)")
+    p.add_argument("--label", help="the export's name in the table")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    if args.synthetic:
+        out = args.out or Path(tempfile.gettempdir()) / f"towerrec_synthetic_{args.synthetic}x{args.dim}"
+        if not (out / "manifest.json").is_file():
+            ckpt = args.checkpoint or tiny_checkpoint(Path(tempfile.mkdtemp(prefix="bench_serve_")), args.dim)
+            synthetic_export(out, args.synthetic, args.dim, args.index, ckpt, args.seed)
+        export = out
+    else:
+        export = args.export
+    label = args.label or export.name
+
+    from towerrec.retrieval import load_export
+
+    index = load_export(export)
+    rng = np.random.default_rng(args.seed)
+    ids = index.items["item_id"].astype(str).to_numpy()
+    n = args.requests
+    similar_q = [{"item_id": str(i), "k": args.k} for i in rng.choice(ids, n)]
+    recommend_q = [{"history": [str(i) for i in rng.choice(ids, args.history_len, replace=False)], "k": args.k}
+                   for _ in range(n)]  # fmt: skip
+
+    token = secrets.token_hex(16)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "towerrec.serve.cli", "--export", str(export), "--port", str(port),
+           "--admin-token", token, "--no-access-log", "--threads", str(args.threads), "--log-level", "warning"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen(cmd, env=env)
+    rows, notes = [], []
+    try:
+        t0 = time.perf_counter()
+        while True:
+            if server.poll() is not None:
+                sys.exit(f"error: towerrec-serve exited with {server.returncode}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        notes.append(f"server ready in {time.perf_counter() - t0:.1f}s (verified export)")
+        warm = [("GET", f"/v1/items/{q['item_id']}/similar", {"k": q["k"]}) for q in similar_q[:20]]
+        warm += [("POST", "/v1/recommend", q) for q in recommend_q[:20]]  # loads the user tower once
+        asyncio.run(drive(url, warm, 2, 600))
+
+        def sim(q):
+            return ("GET", f"/v1/items/{q['item_id']}/similar", {"k": q["k"]})
+
+        http_sim = asyncio.run(drive(url, [sim(q) for q in similar_q], args.clients, args.time_limit))
+        http_rec = asyncio.run(
+            drive(url, [("POST", "/v1/recommend", q) for q in recommend_q], args.clients, args.time_limit)
+        )
+
+        async def reload(client):
+            t = time.perf_counter()
+            res = await client.post(
+                "/v1/admin/reload", headers={"Authorization": f"Bearer {token}"}, timeout=600
+            )
+            return {"reload": res.json(), "reload_s": time.perf_counter() - t}
+
+        mixed = [
+            x
+            for pair in zip(similar_q, recommend_q, strict=True)
+            for x in (sim(pair[0]), ("POST", "/v1/recommend", pair[1]))
+        ]
+        http_mix = asyncio.run(drive(url, mixed[:n], args.clients, args.time_limit * 2, at_half=reload))
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    # The same thread counts as the server's, and the user tower loaded before timing (as the server's warm-up).
+    from towerrec.serve.state import set_threads
+
+    index.recommender()
+    set_threads(args.threads)
+    local_sim = in_process(index, "similar", similar_q, args.time_limit)
+    local_rec = in_process(index, "recommend", recommend_q, args.time_limit)
+
+    for path, http, local in (("similar", http_sim, local_sim), ("recommend", http_rec, local_rec)):
+        r_http, r_local = (
+            row(label, f"{path} HTTP ({args.clients} clients)", http),
+            row(label, f"{path} in-process", local),
+        )
+        r_http["HTTP / in-process QPS"] = r_http["QPS"] / r_local["QPS"]
+        rows += [r_http, r_local]
+    mix_row = row(label, f"similar+recommend HTTP, reload mid-load ({args.clients} clients)", http_mix)
+    rows.append(mix_row)
+    reload_info = http_mix.get("reload", {})
+    notes.append(
+        f"reload: reloaded={reload_info.get('reloaded')} in {http_mix.get('reload_s', float('nan')):.2f}s, "
+        f"failed requests in that phase: {http_mix['errors']} of {http_mix['done']}"
+    )
+    for r in (http_sim, http_rec, http_mix):
+        notes += [f"error sample: {s}" for s in r["samples"]]
+    print(f"export: {export} ({len(index)} items, {index.manifest['factory']}, dim {index.manifest['dim']}); "
+          f"towerrec-serve --threads {args.threads}, 1 worker; {os.cpu_count()} CPUs")  # fmt: skip
+    print()
+    print(markdown_table(rows, floatfmt=".2f"))
+    print()
+    for note in notes:
+        print(f"- {note}")
+
+
+if __name__ == "__main__":
+    main()

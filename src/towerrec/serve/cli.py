@@ -1,0 +1,81 @@
+"""``towerrec-serve``: serve an export folder over HTTP (FastAPI on uvicorn).
+
+towerrec-serve --export exports/hnsw
+towerrec-serve --export exports/hnsw --port 8080 --workers 2 --admin-token "$TOKEN" --no-access-log
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from towerrec.retrieval import ExportError, load_export
+from towerrec.serve.app import SETTINGS_ENV, TOKEN_ENV, ServeSettings, create_app, settings_env
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="towerrec-serve", description=__doc__.split("\n")[0].split(": ", 1)[1])
+    p.add_argument("--export", required=True, help="export folder written by towerrec-export")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes, each with its own copy of the export"
+    )
+    p.add_argument("--threads", type=int, default=1, help="FAISS and torch threads per worker (default 1)")
+    p.add_argument("--gpu", default="false", help="search on GPU: auto | true | false (default false)")
+    p.add_argument("--admin-token", default=os.environ.get(TOKEN_ENV),
+                   help=f"enables POST /v1/admin/reload and SIGHUP reload (default: ${TOKEN_ENV}; unset: off)")  # fmt: skip
+    p.add_argument("--max-k", type=int, default=100, help="largest k a query may ask for (default 100)")
+    p.add_argument("--max-batch", type=int, default=100, help="most queries per batch request (default 100)")
+    p.add_argument(
+        "--max-items", type=int, default=500, help="most ids in one history or exclude list (default 500)"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)"
+    )
+    p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    args = p.parse_args(argv)
+    for name in ("workers", "threads", "max_k", "max_batch", "max_items", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = ServeSettings(
+        export=args.export,
+        gpu=args.gpu,
+        threads=args.threads,
+        max_k=args.max_k,
+        max_batch=args.max_batch,
+        max_items=args.max_items,
+        max_body_bytes=args.max_body_bytes,
+        admin_token=args.admin_token or None,
+        workers=args.workers,
+    )
+    try:
+        # Verified before uvicorn binds the port: a tampered or incomplete export never serves.
+        index = load_export(args.export, verify=True, gpu=args.gpu)
+    except (ExportError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+    import uvicorn
+
+    common = dict(host=args.host, port=args.port, access_log=not args.no_access_log, log_level=args.log_level)
+    if args.workers == 1:
+        uvicorn.run(create_app(settings, index), **common)
+    else:
+        del index  # each worker loads and verifies its own copy
+        os.environ[SETTINGS_ENV] = settings_env(settings)
+        uvicorn.run("towerrec.serve.app:app_from_env", factory=True, workers=args.workers, **common)
+
+
+if __name__ == "__main__":
+    main()

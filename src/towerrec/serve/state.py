@@ -1,0 +1,129 @@
+"""The export a server answers from, and its hot reload: verify the new folder fully, then swap one
+reference. A request takes the reference once and finishes on that export, whatever a reload does
+meanwhile."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+
+from towerrec.retrieval import ExportError, ItemIndex, load_export, select_faiss_device
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(threads: int) -> None:
+    """Intra-op threads of FAISS (OpenMP) and, once it is loaded, of torch (the user tower).
+
+    Requests already run in parallel on the server's thread pool, so a single query gains little
+    from more threads and many threads per query oversubscribe the cores.
+    """
+    faiss.omp_set_num_threads(threads)
+    torch = sys.modules.get("torch")  # item-to-item serving never needs torch itself
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class Served:
+    """One loaded, verified export and what the server keeps about it."""
+
+    index: ItemIndex
+    device: str
+    loaded_at: float = field(default_factory=time.time)
+    # FAISS GPU indexes are not safe to search from several threads at once; CPU indexes are.
+    search_lock: threading.Lock | None = None
+    _user_lock: threading.Lock = field(default_factory=threading.Lock)
+    user_model_loaded: bool = False
+
+    @property
+    def sha256(self) -> str:
+        return str(self.index.manifest.get("manifest_sha256"))
+
+    def user_model(self, threads: int) -> None:
+        """Load the user tower of the export's checkpoint once (history queries need it)."""
+        if self.user_model_loaded:
+            return
+        with self._user_lock:
+            if not self.user_model_loaded:
+                self.index.recommender()
+                set_threads(threads)
+                self.user_model_loaded = True
+
+
+class ExportHolder:
+    """The served export: loaded at start, replaced atomically by :meth:`reload`.
+
+    Args:
+        path: the export folder; a reload reads the same folder again (``towerrec-export
+            overwrite=true`` replaces it atomically), never a path taken from a request.
+        gpu: ``auto`` | ``true`` | ``false``, as ``load_export`` takes it.
+        threads: intra-op threads for FAISS and torch.
+        index: an already verified export of ``path`` (the CLI verifies before it starts uvicorn).
+    """
+
+    def __init__(
+        self, path: str | Path, gpu: str = "false", threads: int = 1, index: ItemIndex | None = None
+    ):
+        self.path = Path(path)
+        self.gpu = gpu
+        self.threads = threads
+        self._reload_lock = threading.Lock()
+        self.reloads = 0
+        self.last_reload_error: str | None = None
+        set_threads(threads)
+        self._current = self._wrap(index if index is not None else self._load())
+
+    def _load(self) -> ItemIndex:
+        return load_export(self.path, verify=True, gpu=self.gpu)
+
+    def _wrap(self, index: ItemIndex) -> Served:
+        device, _ = select_faiss_device(self.gpu, faiss.get_num_gpus(), index.manifest["factory"])
+        return Served(index, device, search_lock=threading.Lock() if device == "gpu" else None)
+
+    @property
+    def current(self) -> Served:
+        """The export to answer one request from (take it once per request)."""
+        return self._current
+
+    def reload(self) -> dict:
+        """Verify the export folder again and swap it in; on any failure keep serving the old one.
+
+        Returns:
+            ``{"reloaded": bool, "serving": sha256, "previous": sha256, "items": n, "seconds": s}``,
+            with ``"error"`` (one line) when the new folder was refused.
+        """
+        with self._reload_lock:  # one reload at a time; requests never wait on it
+            old = self._current
+            t0 = time.perf_counter()
+            try:
+                new = self._wrap(self._load())
+                if old.user_model_loaded:  # warm what was warm, before any request can see it
+                    new.user_model(self.threads)
+            except (ExportError, ValueError, OSError) as err:
+                self.last_reload_error = str(err)
+                log.warning("reload refused, still serving %s: %s", old.sha256, err)
+                return {
+                    "reloaded": False,
+                    "error": f"reload refused: {err}",
+                    "serving": old.sha256,
+                    "items": len(old.index),
+                }
+            self._current = new  # the atomic swap: one reference assignment
+            self.reloads += 1
+            self.last_reload_error = None
+            seconds = round(time.perf_counter() - t0, 3)
+            log.info("reloaded %s in %.2fs: %s -> %s", self.path, seconds, old.sha256, new.sha256)
+            return {
+                "reloaded": True,
+                "serving": new.sha256,
+                "previous": old.sha256,
+                "items": len(new.index),
+                "seconds": seconds,
+            }
