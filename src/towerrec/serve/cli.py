@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)"
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    p.add_argument("--keep-alive", type=int, default=75,
+                   help="seconds an idle keep-alive connection stays open (default 75)")  # fmt: skip
+    p.add_argument("--worker-start-timeout", type=int, default=600,
+                   help="--workers N: seconds a worker may take to load and verify the export (default 600)")  # fmt: skip
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     args = p.parse_args(argv)
     for name in ("workers", "threads", "max_k", "max_batch", "max_items", "max_body_bytes"):
@@ -68,13 +72,29 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    common = dict(host=args.host, port=args.port, access_log=not args.no_access_log, log_level=args.log_level)
+    # A long keep-alive: uvicorn's 5 s default can close a pooled connection just as a client sends on
+    # it (seen as a failed request when a reload of a 1M-item export held the event loop back).
+    common = dict(
+        host=args.host,
+        port=args.port,
+        access_log=not args.no_access_log,
+        log_level=args.log_level,
+        timeout_keep_alive=args.keep_alive,
+    )
     if args.workers == 1:
         uvicorn.run(create_app(settings, index), **common)
     else:
         del index  # each worker loads and verifies its own copy
         os.environ[SETTINGS_ENV] = settings_env(settings)
-        uvicorn.run("towerrec.serve.app:app_from_env", factory=True, workers=args.workers, **common)
+        # A worker imports the stack and verifies the export before it answers uvicorn's health
+        # check; with the 5 s default, uvicorn kills and restarts workers that are still loading.
+        uvicorn.run(
+            "towerrec.serve.app:app_from_env",
+            factory=True,
+            workers=args.workers,
+            timeout_worker_healthcheck=args.worker_start_timeout,
+            **common,
+        )
 
 
 if __name__ == "__main__":
