@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import socket
@@ -41,21 +40,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def synthetic_export(out: Path, n: int, dim: int, index_name: str, ckpt: Path, seed: int = 0) -> Path:
     """Write an export folder of ``n`` random unit vectors in ``dim``-d, in the format ``towerrec-export``
     writes (and ``load_export`` verifies), with ``ckpt`` as its user tower."""
-    import faiss
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from towerrec import CONFIG_DIR
-    from towerrec.fileio import atomic_folder, file_sha256, folder_files
-    from towerrec.retrieval.export import (
-        EMBEDDINGS_FILE,
-        FORMAT,
-        INDEX_FILE,
-        ITEMS_FILE,
-        MANIFEST_FILE,
-        manifest_digest,
-    )
+    from towerrec.fileio import file_sha256
+    from towerrec.retrieval.export import write_export
     from towerrec.retrieval.index import METRIC_NAME, build_index, measure_recall, normalized
+    from towerrec.retrieval.manifest import FORMAT
 
     rng = np.random.default_rng(seed)
     vectors = normalized(rng.standard_normal((n, dim), dtype=np.float32))
@@ -75,27 +67,21 @@ def synthetic_export(out: Path, n: int, dim: int, index_name: str, ckpt: Path, s
     queries = vectors[rng.choice(n, 200, replace=False)]
     recall = {"k": 10, "reference": "exact inner-product search", "item_queries": 200,
               "recall_item": measure_recall(built.index, vectors, ids, queries, 10), "recall_user": None}  # fmt: skip
-    with atomic_folder(out) as tmp:
-        faiss.write_index(built.index, str(tmp / INDEX_FILE))
-        items.to_parquet(tmp / ITEMS_FILE, index=False)
-        np.save(tmp / EMBEDDINGS_FILE, vectors)
-        manifest = {
-            "format": FORMAT,
-            "checkpoint": {"path": str(ckpt.resolve()), "sha256": file_sha256(ckpt)},
-            "data": {"name": f"random_unit_{n}x{dim}", "config_hash": None},
-            "model": {"dim": dim, "max_history": 50},
-            "index": {"name": spec.name, "spec": asdict(built.spec), "device": built.device},
-            "factory": built.factory,
-            "metric": METRIC_NAME,
-            "dim": dim,
-            "count": n,
-            "cold_count": int(items["is_cold"].sum()),
-            "recall": recall,
-            "image_cache": None,
-            "files": folder_files(tmp, [INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE]),
-        }
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    manifest = {
+        "format": FORMAT,
+        "checkpoint": {"path": str(ckpt.resolve()), "sha256": file_sha256(ckpt)},
+        "data": {"name": f"random_unit_{n}x{dim}", "config_hash": None},
+        "model": {"dim": dim, "max_history": 50},
+        "index": {"name": spec.name, "spec": asdict(built.spec), "device": built.device},
+        "factory": built.factory,
+        "metric": METRIC_NAME,
+        "dim": dim,
+        "count": n,
+        "cold_count": int(items["is_cold"].sum()),
+        "recall": recall,
+        "image_cache": None,
+    }
+    write_export(out, built.index, items, vectors, manifest, overwrite=True)
     return out
 
 

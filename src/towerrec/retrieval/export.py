@@ -168,6 +168,26 @@ def _manifest(
     }
 
 
+def write_export(
+    out: Path, index: faiss.Index, items: pd.DataFrame, vectors: np.ndarray, manifest: dict, overwrite: bool = False
+) -> Path:
+    """Write an export folder atomically: the CPU ``index``, the item table, the ``(N, D)`` unit-norm
+    ``vectors`` aligned with its rows, and ``manifest`` sealed with every file's size and sha256.
+
+    Raises:
+        ExportError: when ``out`` exists and ``overwrite`` is off.
+    """
+    try:
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            faiss.write_index(index, str(tmp / INDEX_FILE))
+            items.to_parquet(tmp / ITEMS_FILE, index=False)
+            np.save(tmp / EMBEDDINGS_FILE, vectors)
+            seal(manifest, tmp)
+    except FileExistsError as err:
+        raise ExportError(str(err)) from None
+    return out
+
+
 @torch.no_grad()
 def export_index(
     ckpt_path: str | Path,
@@ -234,13 +254,6 @@ def export_index(
     manifest = _manifest(
         ckpt_path, model, dm, spec, built, items, recall, config, {"embed_seconds": embed_seconds}
     )
-    try:
-        with atomic_folder(out, overwrite=overwrite) as tmp:
-            faiss.write_index(index, str(tmp / INDEX_FILE))
-            items.to_parquet(tmp / ITEMS_FILE, index=False)
-            np.save(tmp / EMBEDDINGS_FILE, vectors)
-            seal({**manifest, "seconds": round(time.perf_counter() - t_start, 3)}, tmp)
-    except FileExistsError as err:
-        raise ExportError(str(err)) from None
+    write_export(out, index, items, vectors, {**manifest, "seconds": round(time.perf_counter() - t_start, 3)}, overwrite)
     log.info("export written to %s", out)
     return out
