@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec import CONFIG_DIR
@@ -44,14 +45,20 @@ def train(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    if not loggers:  # logger=none: the LR monitor has nowhere to write (Lightning refuses it)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    ckpt = trainer.checkpoint_callback
+    if cfg.ckpt_path and ckpt is not None and Path(cfg.ckpt_path).resolve().parent != Path(ckpt.dirpath).resolve():
+        # Lightning then restores the best checkpoint's path but not its score: selection restarts.
+        log.warning("resuming %s in another run folder: to continue that run exactly, resume in its folder "
+                    "(hydra.run.dir=%s)", cfg.ckpt_path, Path(cfg.ckpt_path).resolve().parent.parent)
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path)
 
-    ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     if trainer.world_size > 1:  # test the whole split in one process
         if trainer.global_rank != 0:
