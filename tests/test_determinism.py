@@ -18,22 +18,24 @@ from conftest import TINY_DATA, compose_cfg
 
 from towerrec.data.prepare import ensure_prepared
 
-#: Tiny data, but batches large enough (32 windows x 20 positions x 32 dims) that the backward of
-#: the history gather runs multithreaded: without ``trainer.deterministic`` two runs differ here.
+#: Tiny data, but batches large enough (64 windows x 20 positions x 32 dims) that the backward of
+#: the history gather runs on both threads, where its order is not fixed without
+#: ``trainer.deterministic`` (whether two such runs then differ depends on thread timing).
 ARGS = [
     *TINY_DATA,
+    "data.source.n_interactions=6000",  # about 5 batches per epoch, so a kill can land inside one
     "model.dim=32",
     "model.item_tower.image_encoder.channels=4",
     "model.loss.num_uniform_negatives=16",
     "datamodule.max_len=20",
-    "datamodule.batch_size=32",
+    "datamodule.batch_size=64",
     "trainer.max_epochs=3",
     "+trainer.limit_val_batches=2",
     "callbacks.early_stopping.patience=99",
     "callbacks.progress_bar.refresh_rate=1",  # the kill below watches the progress bar
     "logger=none",
 ]
-TIMEOUT = 600
+TIMEOUT = 1200  # seconds per process; generous, for loaded shared machines
 
 
 @pytest.fixture(scope="module")
