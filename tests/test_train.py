@@ -123,16 +123,18 @@ def test_ddp_two_cpu_processes(tiny_processed_dir, tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweep_and_aggregate(tiny_processed_dir, tmp_path):
-    args = ["-m", "model.loss.temperature=0.05,0.1", *TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *TINY_TRAIN,
-            f"hydra.sweep.dir={tmp_path}/sweep"]
+    # The README's sweep line, `-m model.dim=32,64 model/user_tower=sasrec,gru`, at tiny widths.
+    tiny = [o for o in TINY_TRAIN if not o.startswith("model.dim=")]
+    args = ["-m", "model.dim=8,16", "model/user_tower=sasrec,gru", *TINY_DATA, f"data.processed_dir={tiny_processed_dir}",
+            *tiny, f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = _cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
-    assert len(runs) == 2
+    assert len(runs) == 4
     agg = subprocess.run([sys.executable, str(Path(CONFIG_DIR).parent / "scripts" / "aggregate_runs.py"), str(tmp_path / "sweep")],
                          capture_output=True, text=True)
     assert agg.returncode == 0, agg.stderr
-    assert "model.loss.temperature=0.05" in agg.stdout and "model.loss.temperature=0.1" in agg.stdout
+    assert "model.dim=8" in agg.stdout and "model/user_tower=gru" in agg.stdout
     assert (tmp_path / "sweep" / "summary.csv").is_file()
 
 

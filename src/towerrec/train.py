@@ -14,6 +14,7 @@ import lightning as L
 import pandas as pd
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from towerrec import CONFIG_DIR
@@ -63,13 +64,19 @@ def train(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    if not loggers:  # logger=none: the LR monitor has nowhere to write (Lightning refuses it)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(run_cfg, resolve=True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     ckpt = trainer.checkpoint_callback
+    if cfg.ckpt_path and ckpt is not None and Path(cfg.ckpt_path).resolve().parent != Path(ckpt.dirpath).resolve():
+        # Lightning then restores the best checkpoint's path but not its score: selection restarts.
+        log.warning("resuming %s in another run folder: to continue that run exactly, resume in its folder "
+                    "(hydra.run.dir=%s)", cfg.ckpt_path, Path(cfg.ckpt_path).resolve().parent.parent)
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     if best is None:  # no checkpoint callback: save the final weights to test them the same way
         best = str(out / "checkpoints" / "final.ckpt")

@@ -1,0 +1,121 @@
+"""The README's documented options and command lines, each shrunk to a batch or two.
+
+Covered elsewhere: every ``experiment=`` (test_train), resume (test_train, test_determinism), DDP,
+``-m`` sweeps with ``aggregate_runs.py`` and the optuna sweeper (test_train), ``towerrec-similar``
+queries (retrieval/test_similar_cli), ``towerrec-reproduce`` (test_reproduce).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
+
+from towerrec.similar import main as similar_main
+from towerrec.train import train
+
+
+def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _lr_logged(text: str) -> bool:
+    return "lr-AdamW" in text
+
+
+@pytest.mark.parametrize(
+    "logger",
+    [
+        "none",
+        "csv",
+        "tensorboard",
+        pytest.param(
+            "mlflow",
+            marks=pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason='needs the extra: pip install -e ".[mlflow]"'),
+        ),
+    ],
+)
+def test_every_logger_option_trains_with_the_default_callbacks(logger, tiny_processed_dir, tmp_path):
+    extra = [f"logger.mlflow.tracking_uri=file:{tmp_path / 'mlruns'}"] if logger == "mlflow" else []
+    tiny = [o for o in TINY_TRAIN if not o.startswith("logger=")]
+    cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *tiny, f"logger={logger}", *extra], tmp_path / "run")
+    assert "lr_monitor" in cfg.callbacks  # the default callbacks, LR monitor included
+    metrics = train(cfg)
+    assert metrics["test"]["all"]["users"] > 0
+    run = Path(cfg.paths.output_dir)
+    if logger == "none":
+        assert not (run / "csv").exists() and not (run / "tensorboard").exists()
+    elif logger == "csv":
+        (log,) = (run / "csv").glob("version_*/metrics.csv")
+        assert _lr_logged(log.read_text()) and "val/ndcg@20" in log.read_text()
+    elif logger == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        files = sorted((run / "tensorboard").glob("version_*/events.out.tfevents.*"))
+        tags = {t for f in files for t in EventAccumulator(str(f)).Reload().Tags()["scalars"]}
+        assert "val/ndcg@20" in tags and any(_lr_logged(t) for t in tags)
+    else:
+        assert any(_lr_logged(p.name) for p in (tmp_path / "mlruns").rglob("*"))
+
+
+def test_cfg_job_prints_what_would_run(tmp_path):
+    proc = _cli("towerrec.train", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deterministic: true" in proc.stdout and "_target_: towerrec.models.two_tower.TwoTowerModule" in proc.stdout
+    assert not (tmp_path / "outputs").exists()  # nothing ran
+
+
+def _resnet18_state(path: Path) -> Path:
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        ["model/user_tower=gru", "model.dim=32"],
+        ["model.item_tower.image_encoder=null"],
+        ["model/image_encoder@model.item_tower.image_encoder=resnet18", "model.item_tower.image_encoder.weights_path=WEIGHTS"],
+        pytest.param(["trainer=gpu"], marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+    ids=["gru_dim32", "no_image", "resnet18_local_weights", "gpu"],
+)
+def test_readme_training_examples(line, tiny_processed_dir, tmp_path):
+    line = [o.replace("WEIGHTS", str(_resnet18_state(tmp_path / "resnet18.pth"))) for o in line]
+    # The line picks or drops the image encoder, so the small CNN's tiny width does not apply.
+    tiny = [o for o in TINY_TRAIN if "image_encoder.channels" not in o or "image_encoder" not in " ".join(line)]
+    cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *tiny, *line], tmp_path / "run")
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test"]["all"]["recall@20"] <= 1.0
+
+
+def test_export_line_then_query_lines(tiny_train_cfg, tmp_path, capsys):
+    metrics = train(tiny_train_cfg())
+    out = tmp_path / "exports" / "hnsw"
+    proc = _cli("towerrec.export", f"ckpt_path={metrics['best_checkpoint']}", "index=hnsw", f"out_dir={out}",
+                f"hydra.run.dir={tmp_path / 'export_run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 120 and "HNSW" in manifest["factory"]
+    # towerrec-similar --export exports/hnsw --item <id> -k 10 --grid similar.png
+    from towerrec.retrieval import load_export
+
+    ids = load_export(out).items["item_id"].tolist()
+    png = tmp_path / "similar.png"
+    proc = _cli("towerrec.similar", "--export", str(out), "--item", ids[0], "-k", "10", "--grid", str(png), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("\n|") >= 11 and png.read_bytes()[:4] == b"\x89PNG"
+    # towerrec-similar --export exports/hnsw --history <id>,<id> --json (in-process: the same main)
+    capsys.readouterr()  # what training printed
+    similar_main(["--export", str(out), "--history", f"{ids[0]},{ids[41]}", "--json"])
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["query"] == {"history": [ids[0], ids[41]]} and len(answer["results"]) == 10
