@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from towerrec import CONFIG_DIR
+from towerrec.cli import hydra_cli
 from towerrec.data.prepare import ensure_prepared
 from towerrec.data.report import write_report
 from towerrec.data.schema import DataError
-
-log = logging.getLogger(__name__)
 
 #: The summary.json keys printed on the console.
 HEADLINE = (
@@ -31,13 +26,9 @@ HEADLINE = (
 )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="data_report")
-def _main(cfg: DictConfig) -> None:
-    try:
-        processed = ensure_prepared(cfg.data, workers=cfg.workers)
-    except DataError as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+def run(cfg: DictConfig) -> None:
+    """Prepare ``cfg.data`` if needed, write its report and print the headline figures."""
+    processed = ensure_prepared(cfg.data, workers=cfg.workers)
     report = write_report(processed, cfg.out_dir)
     summary = json.loads((report.parent / "summary.json").read_text())
     headline = {k: summary[k] for k in HEADLINE}
@@ -49,8 +40,7 @@ def _main(cfg: DictConfig) -> None:
     print(f"{report}\n{json.dumps(headline, indent=2)}")
 
 
-def main() -> None:
-    _main()
+main = hydra_cli("data_report", run, (DataError,))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,13 @@ Writes into ``out_dir``:
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from towerrec import CONFIG_DIR
+from towerrec.cli import hydra_cli
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
 from towerrec.evaluation.baselines import Baseline, rank
@@ -112,17 +110,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def _main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except ValueError as err:  # the user's own mistake (DataError, CheckpointError, a bad option): one line
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
-
-
-def main() -> None:
-    _main()
+# The user's own mistakes (DataError, CheckpointError, a bad option) are ValueErrors: one line each.
+main = hydra_cli("eval", evaluate, (ValueError,))
 
 
 if __name__ == "__main__":

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from towerrec import CONFIG_DIR
+from towerrec.cli import hydra_cli
 from towerrec.data.prepare import PrepareSettings, prepare, read_manifest
 from towerrec.data.schema import DataError
 
-log = logging.getLogger(__name__)
 
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
-def _main(cfg: DictConfig) -> None:
-    try:
-        out = prepare(PrepareSettings.from_config(cfg.data), force=cfg.force, workers=cfg.workers)
-    except DataError as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+def run(cfg: DictConfig) -> None:
+    """Prepare ``cfg.data`` and print the manifest's summary."""
+    out = prepare(PrepareSettings.from_config(cfg.data), force=cfg.force, workers=cfg.workers)
     manifest = read_manifest(out)
     summary = {k: manifest[k] for k in ("counts", "split", "skipped", "repaired", "images", "seconds")}
     print(f"{out}\n{json.dumps(summary, indent=2)}")
 
 
-def main() -> None:
-    _main()
-
+main = hydra_cli("prepare", run, (DataError,))
 
 if __name__ == "__main__":
     main()

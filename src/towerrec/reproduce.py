@@ -32,7 +32,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import hydra
 import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
@@ -41,7 +40,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec import CONFIG_DIR, PROJECT_ROOT
+from towerrec.cli import hydra_cli
 from towerrec.data.prepare import config_hash, ensure_prepared, read_manifest
+from towerrec.data.schema import DataError
 from towerrec.evaluation.per_user import per_user_name
 from towerrec.evaluation.report import (
     Slices,
@@ -320,13 +321,7 @@ def reproduce(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="reproduce")
-def _main(cfg: DictConfig) -> None:
-    reproduce(cfg)
-
-
-def main() -> None:
-    _main()
+main = hydra_cli("reproduce", reproduce, (DataError,))
 
 
 if __name__ == "__main__":

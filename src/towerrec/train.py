@@ -6,10 +6,8 @@ The run folder also gets ``test_per_user.parquet``: each test user's metrics in 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import lightning as L
 import pandas as pd
 import torch
@@ -17,7 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from towerrec import CONFIG_DIR
+from towerrec.cli import hydra_cli
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
 from towerrec.data.schema import DataError
@@ -105,18 +103,12 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except (DataError, CheckpointError) as err:  # the user's own mistake: one line, no traceback
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
-    return next(iter(metrics.get("val", {}).values()), None)  # the value optuna maximises
+def objective(cfg: DictConfig) -> float | None:
+    """Train; return the best validation metric, the value the optuna sweeper maximises."""
+    return next(iter(train(cfg).get("val", {}).values()), None)
 
 
-def main() -> None:
-    _main()
+main = hydra_cli("train", objective, (DataError, CheckpointError))  # the user's own mistakes: one line
 
 
 if __name__ == "__main__":

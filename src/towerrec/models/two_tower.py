@@ -165,7 +165,8 @@ class TwoTowerModule(L.LightningModule):
             k: items per user.
             seen: ``(U, S)`` right-padded items masked per user (already bought), or None.
             item_emb: ``(N+1, D')`` item vectors, when the caller has them (eval mode, no ID dropout).
-            chunk_size: users embedded and scored at once.
+            chunk_size: users embedded at once; scores go in chunks sized from a memory budget
+                (:func:`~towerrec.evaluation.metrics.chunk_rows`).
 
         Returns:
             ``(U, k)`` long item indices, best first, on the device of the item vectors.
@@ -177,7 +178,7 @@ class TwoTowerModule(L.LightningModule):
         users = torch.cat(
             [self.user_embeddings(history[i : i + chunk_size].to(device), item_emb) for i in range(0, len(history), chunk_size)]
         )  # (U, D')
-        return score_topk(users, item_emb, k, seen=seen_pairs(seen), chunk_size=chunk_size)
+        return score_topk(users, item_emb, k, seen=seen_pairs(seen))
 
     def _eval_metrics(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         topk = self.rank(batch["history"], max(self.ks), seen=batch.get("seen"), item_emb=self._eval_emb)
