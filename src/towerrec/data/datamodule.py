@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from towerrec.data.features import ItemFeatures
 from towerrec.data.image_cache import load_image_cache
 from towerrec.data.manifest import load_manifest
+from towerrec.data.sentence_features import load_sentence_features
 from towerrec.data.splits import EVAL_SPLITS, history_splits
 
 log = logging.getLogger(__name__)
@@ -185,14 +186,12 @@ class SequenceDataModule(L.LightningDataModule):
         self.interactions = pd.read_parquet(d / "interactions.parquet")
         self.items = pd.read_parquet(d / "items.parquet")
         self.users = pd.read_parquet(d / "users.parquet")
-        n = len(self.items)
         cold = np.r_[True, self.items["is_cold"].to_numpy()]
         count = np.r_[0, self.items["train_count"].to_numpy()]
-        sentence = None
-        if self.sentence_features:
-            sentence = torch.from_numpy(np.load(self.sentence_features)).float()
-            if sentence.shape[0] != n + 1:
-                raise ValueError(f"{self.sentence_features}: {sentence.shape[0]} rows, expected {n + 1} (items + padding)")
+        sentence, self.sentence_info = None, None
+        if self.sentence_features:  # refused in one line unless built for these items (its sidecar says)
+            values, self.sentence_info = load_sentence_features(self.sentence_features, self.items, self.manifest)
+            sentence = torch.from_numpy(values)
         self.item_features = ItemFeatures(
             images=torch.from_numpy(load_image_cache(d / "images.npy")),  # memory-mapped, not copied
             has_image=torch.from_numpy(np.r_[False, self.items["has_image"].to_numpy()]),
@@ -225,6 +224,8 @@ class SequenceDataModule(L.LightningDataModule):
             "text_buckets": f.text_buckets,
             "image_size": int(f.images.shape[1]),
             "sentence_dim": int(f.sentence.shape[1]) if f.sentence is not None else 0,
+            # The sentence-features file and model a run used (file, sha256, model, version), or None.
+            "sentence_features": self.sentence_info,
         }
 
     def eval_split(self, name: str) -> EvalSplit:

@@ -84,12 +84,9 @@ class ItemTower(nn.Module):
     def frozen_image(self) -> bool:
         return self.image_encoder is not None and not self.image_encoder.trainable
 
-    @torch.no_grad()
-    def _build_image_cache(self, chunk: int = 1024) -> None:
-        """Frozen backbone: compute its features once for every item."""
-        feats = [self.image_encoder.features(self.images[i : i + chunk]) for i in range(0, len(self.images), chunk)]
-        # float32 even when built under autocast: evaluation hooks run outside autocast.
-        self.image_cache = torch.cat(feats).float()
+    def _build_image_cache(self) -> None:
+        """Frozen backbone: its features of every item, computed once (or read from its disk cache)."""
+        self.image_cache = self.image_encoder.catalog_features(self.images)
 
     def forward(self, idx: Tensor, drop_ids: bool = True) -> Tensor:
         """``(...)`` item indices -> ``(..., out_dim)``; ``drop_ids=False`` turns ID dropout off for this call."""
