@@ -67,6 +67,8 @@ def fold_config(cfg: DictConfig, data: DictConfig, out_dir: Path, out_key: str =
     fold_cfg = cfg.copy()
     with open_dict(fold_cfg):
         fold_cfg.data = data
+        if "processed_dir" in fold_cfg.get("datamodule", {}):  # resolved already where towerrec-reproduce built it
+            fold_cfg.datamodule.processed_dir = data.processed_dir
         OmegaConf.update(fold_cfg, "paths.output_dir", str(out_dir), force_add=True)
         if out_key != "paths.output_dir":
             OmegaConf.update(fold_cfg, out_key, str(out_dir), force_add=True)
