@@ -11,7 +11,8 @@ import pytest
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
 from towerrec.evaluate import evaluate
-from towerrec.evaluation.per_user import read_per_user
+from towerrec.evaluation.per_user import read_per_user, write_per_user
+from towerrec.evaluation.report import pooled_per_user
 from towerrec.evaluation.stats import compare_per_user
 from towerrec.reproduce import reproduce
 
@@ -103,3 +104,23 @@ def test_single_baseline_backtest_and_checkpoint_refused(backtest, tmp_path):
     cfg = compose_cfg("eval", [*TINY_DATA, f"data.processed_dir={data}", *ROLLING, "ckpt_path=x.ckpt"], tmp_path)
     with pytest.raises(ValueError, match="ckpt_path: a checkpoint is trained on one fold"):
         evaluate(cfg)
+
+
+def test_pairs_are_fold_and_user(tmp_path):
+    """A user evaluated in two folds is two pairs: tables are matched on (fold, user_idx), never crossed."""
+    a = pd.DataFrame({"fold": [0, 0, 1, 1], "user_idx": [1, 2, 1, 2], "all/recall@20": [1.0, 0.0, 0.5, 0.0]})
+    b = a.iloc[::-1].assign(**{"all/recall@20": [0.0, 0.0, 0.5, 0.25]})  # rows in another order
+    table = compare_per_user(a, b, ["all"])
+    # Matched pairs: (0,1) 1-0.25, (0,2) 0-0.5, (1,1) 0.5-0, (1,2) 0-0 -> mean 0.1875.
+    assert table["users"].iloc[0] == 4 and table["mean_diff"].iloc[0] == pytest.approx(0.1875)
+    with pytest.raises(ValueError, match="fold column"):
+        compare_per_user(a, a.drop(columns="fold").drop_duplicates("user_idx"), ["all"])
+    data = {"name": "x", "config_hash": "h"}
+    write_per_user(a, tmp_path / "ok.parquet", "m", "test", data)
+    assert read_per_user(tmp_path / "ok.parquet")[0].equals(a)
+    write_per_user(pd.concat([a, a.iloc[:1]]), tmp_path / "twice.parquet", "m", "test", data)
+    with pytest.raises(ValueError, match="fold/user_idx 0/1 appears twice"):
+        read_per_user(tmp_path / "twice.parquet")
+    # Over seeds, each (fold, user) pair is averaged on its own.
+    mean = pooled_per_user([a, b.sort_values(["fold", "user_idx"])])
+    assert mean["all/recall@20"].tolist() == pytest.approx([0.625, 0.25, 0.25, 0.0])
