@@ -26,6 +26,7 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from towerrec.backtest import evaluate_folds, is_rolling
 from towerrec.cli import hydra_cli
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
@@ -55,6 +56,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     Returns:
         ``{scorer name: {slice: {metric@k: value}}}``.
     """
+    if is_rolling(cfg.data):  # every fold, then pooled over (fold, user) pairs
+        return evaluate_folds(cfg, evaluate)
     baseline_cfg = cfg.get("baseline")
     if cfg.ckpt_path is None and baseline_cfg is None:
         raise ValueError(

@@ -6,17 +6,19 @@ import json
 
 from omegaconf import DictConfig
 
+from towerrec.backtest import fold_data_configs, is_rolling
 from towerrec.cli import hydra_cli
 from towerrec.data.prepare import PrepareSettings, prepare, read_manifest
 from towerrec.data.schema import DataError
 
 
 def run(cfg: DictConfig) -> None:
-    """Prepare ``cfg.data`` and print the manifest's summary."""
-    out = prepare(PrepareSettings.from_config(cfg.data), force=cfg.force, workers=cfg.workers)
-    manifest = read_manifest(out)
-    summary = {k: manifest[k] for k in ("counts", "split", "skipped", "repaired", "images", "seconds")}
-    print(f"{out}\n{json.dumps(summary, indent=2)}")
+    """Prepare ``cfg.data`` (every fold's folder for a rolling split) and print each manifest's summary."""
+    datas = fold_data_configs(cfg.data) if is_rolling(cfg.data) else [cfg.data]
+    for out in [prepare(PrepareSettings.from_config(d), force=cfg.force, workers=cfg.workers) for d in datas]:
+        manifest = read_manifest(out)
+        summary = {k: manifest[k] for k in ("counts", "split", "skipped", "repaired", "images", "seconds")}
+        print(f"{out}\n{json.dumps(summary, indent=2)}")
 
 
 main = hydra_cli("prepare", run, (DataError,))

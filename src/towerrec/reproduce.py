@@ -40,6 +40,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec import CONFIG_DIR, PROJECT_ROOT
+from towerrec.backtest import is_rolling, pooled_manifest, prepare_folds
 from towerrec.cli import hydra_cli
 from towerrec.data.prepare import config_hash, ensure_prepared, read_manifest
 from towerrec.data.schema import DataError
@@ -49,6 +50,7 @@ from towerrec.evaluation.report import (
     best_baseline,
     compare_to_baseline,
     duration,
+    format_fold_table,
     format_header,
     format_reproduce_table,
     interval_pairs,
@@ -222,8 +224,11 @@ def reproduce(cfg: DictConfig) -> dict:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    ensure_prepared(first.data, workers=first.workers)
-    manifest = read_manifest(first.data.processed_dir)
+    if is_rolling(first.data):  # a backtest: every fold's folder; the table is pooled over (fold, user) pairs
+        manifest = pooled_manifest(prepare_folds(first.data, workers=first.workers))
+    else:
+        ensure_prepared(first.data, workers=first.workers)
+        manifest = read_manifest(first.data.processed_dir)
     timings["prepare"] = time.perf_counter() - t
 
     baselines: dict[str, Slices] = {}
@@ -316,6 +321,9 @@ def reproduce(cfg: DictConfig) -> dict:
     write_json(out / "reproduce.json", result)
     vs = comparison["baseline"] if comparison else None
     text = f"{format_header(header)}\n\n{format_reproduce_table(models, list(cfg.slices), cfg.k, vs)}\n"
+    if manifest["split"]["method"] == "rolling":
+        folds = format_fold_table(per_user, f"recall@{cfg.k}", manifest["split"])
+        text += f"\n## Per fold: Recall@{cfg.k} of `all` (evaluated users)\n\n{folds}\n"
     (out / "reproduce.md").write_text(text)
     print(f"\n{text}\nwritten: {out / 'reproduce.md'}, {out / 'reproduce.json'}")
     return result

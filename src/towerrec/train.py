@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from towerrec.backtest import is_rolling, train_folds
 from towerrec.cli import hydra_cli
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.prepare import ensure_prepared
@@ -54,7 +55,13 @@ def test_checkpoint(ckpt_path: str, split: str, ks: list[int], device: str | tor
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train, test the checkpoint with the best validation metric, write ``metrics.json``."""
+    """Train, test the checkpoint with the best validation metric, write ``metrics.json``.
+
+    With ``data.split.method=rolling`` every fold is trained and tested in ``<out>/fold<f>`` and the
+    pooled result written in ``<out>`` (:func:`towerrec.backtest.train_folds`).
+    """
+    if is_rolling(cfg.data):
+        return train_folds(cfg, train)
     if cfg.ckpt_path is not None:
         read_checkpoint(cfg.ckpt_path)  # refuses a file holding pickled objects in one line, before Lightning reads it
     dm, model, run_cfg = build(cfg)

@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 from towerrec.data.image_cache import build_image_cache
 from towerrec.data.manifest import MANIFEST, read_manifest, verify_processed
 from towerrec.data.schema import DataError, RawDataset
-from towerrec.data.settings import PREPARE_VERSION, PrepareSettings, SplitSettings, config_hash
+from towerrec.data.settings import PREPARE_VERSION, PrepareSettings, SplitSettings, config_hash, rolling_cuts
 from towerrec.fileio import atomic_folder, folder_files, tree_fingerprint, write_json
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,58 @@ def assign_split(inter: pd.DataFrame, split: SplitSettings) -> tuple[np.ndarray,
     else:
         raise DataError(f"data.split.method: unknown split method '{method}' (temporal | leave_one_out)")
     return labels, info
+
+
+def fold_split(settings: PrepareSettings, interactions: pd.DataFrame) -> tuple[SplitSettings, dict[str, Any]]:
+    """The split one processed folder is built with, and what the manifest records of its fold.
+
+    A ``temporal`` or ``leave_one_out`` split is returned as it is (and ``{}``). A ``rolling`` split's
+    fold becomes a temporal split with explicit cut dates (:func:`~towerrec.data.settings.rolling_cuts`),
+    anchored on the last day of the whole (filtered) data, as the one-window temporal split is: fold
+    K-1 of K is that split. Its ``test_end`` drops every later interaction (:func:`drop_after_end`).
+    """
+    split = settings.split
+    if split.method != "rolling":
+        return split, {}
+    if split.fold is None:
+        raise DataError(
+            "data.split.fold: a rolling split is prepared one fold at a time; towerrec-prepare, towerrec-train, "
+            "towerrec-eval and towerrec-reproduce run every fold (towerrec.backtest)"
+        )
+    f = settings.filter
+    full, _ = apply_filters(interactions, f.min_user_interactions, f.min_item_interactions, f.kcore)
+    if len(full) == 0:
+        raise DataError(f"{settings.root}: no interactions left after validation and filtering")
+    last_day = pd.Timestamp(full["timestamp"].max()).normalize()
+    cuts = rolling_cuts(split, last_day)[split.fold]
+    if not (full["timestamp"] < cuts["val_start"]).any():
+        raise DataError(
+            f"data.split.folds: fold {split.fold} of {split.folds} has no training interactions before its validation "
+            f"window (from {cuts['val_start'].date()}): use fewer folds or shorter windows"
+        )
+    val_days = split.val_days or split.window
+    temporal = SplitSettings(
+        method="temporal",
+        test_days=split.window,
+        val_days=val_days,
+        test_start=str(cuts["test_start"].date()),
+        val_start=str(cuts["val_start"].date()),
+        test_end=None if cuts["test_end"] is None else str(cuts["test_end"].date()),
+    )
+    info = {"fold": split.fold, "folds": split.folds, "window_days": split.window, "last_day": str(last_day.date())}
+    return temporal, info
+
+
+def drop_after_end(interactions: pd.DataFrame, split: SplitSettings) -> tuple[pd.DataFrame, int]:
+    """The interactions before ``split.test_end`` (all without one) and how many were dropped.
+
+    The rows are dropped before filtering, id mapping and every count, so nothing after a fold's test
+    window reaches its processed folder: not training, histories, seen items nor popularity.
+    """
+    if split.test_end is None:
+        return interactions, 0
+    keep = (interactions["timestamp"] < pd.Timestamp(split.test_end)).to_numpy()
+    return interactions[keep], int((~keep).sum())
 
 
 # ----------------------------------------------------------------------------- features
@@ -275,8 +327,10 @@ def _build(settings: PrepareSettings, workers: int) -> None:
     t0 = time.perf_counter()
     inputs = tree_fingerprint(settings.root)
     raw: RawDataset = settings.load()
+    split, fold_info = fold_split(settings, raw.interactions)
+    rows, n_dropped = drop_after_end(raw.interactions, split)
     inter, n_filtered = apply_filters(
-        raw.interactions,
+        rows,
         settings.filter.min_user_interactions,
         settings.filter.min_item_interactions,
         settings.filter.kcore,
@@ -285,7 +339,17 @@ def _build(settings: PrepareSettings, workers: int) -> None:
         raise DataError(f"{settings.root}: no interactions left after validation and filtering")
     items, images = _catalog(raw, inter)
     table, user_map = _interaction_table(inter, items)
-    labels, split_info = assign_split(table, settings.split)
+    labels, split_info = assign_split(table, split)
+    if split.test_end is not None:
+        split_info.update(test_end=split.test_end, dropped_after_end=n_dropped)
+    if fold_info:
+        split_info["rolling"] = fold_info
+        for name, code in (("val", 1), ("test", 2)):
+            if not (labels == code).any():
+                raise DataError(
+                    f"data.split.folds: fold {fold_info['fold']} of {fold_info['folds']} has no {name} interactions "
+                    f"({name} window from {split_info[name + '_start']}): use fewer folds or longer windows"
+                )
     table["split"] = pd.Categorical.from_codes(labels, categories=list(SPLITS))
     out = settings.processed_dir
     with atomic_folder(out) as tmp:

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from towerrec.data.schema import DataError, RawDataset
 from towerrec.fileio import text_sha256
 
 PREPARE_VERSION = 4
-SPLIT_METHODS = ("temporal", "leave_one_out")
+SPLIT_METHODS = ("temporal", "leave_one_out", "rolling")
 
 # The hash names a source by the import path it had when data hashes were first reported, so moving a
 # loader into its own module does not change the hash of a config (and the reported data hashes).
@@ -72,9 +73,17 @@ class SplitSettings:
     """How interactions become train / val / test (see :func:`towerrec.data.prepare.assign_split`).
 
     Attributes:
-        method: ``temporal`` (global cut dates) or ``leave_one_out`` (per user).
-        test_days, val_days: lengths of the temporal test and validation windows.
+        method: ``temporal`` (global cut dates), ``leave_one_out`` (per user) or ``rolling`` (K
+            consecutive temporal test windows at the end of the data, see :func:`rolling_cuts`).
+        test_days, val_days: lengths of the temporal test and validation windows (``rolling``: the
+            validation window before each test window, default ``window_days``).
         test_start, val_start: explicit temporal cut dates, instead of the window lengths.
+        test_end: temporal only: interactions at or after this date are dropped before anything else
+            (filters, ids, counts) sees them; the manifest counts them (``split.dropped_after_end``).
+        folds, window_days: ``rolling``: the number K of test windows and the days in each (default
+            ``test_days``, so ``method=rolling folds=1`` is the temporal split of the same config).
+        fold: ``rolling``: which fold (0 = oldest .. K-1 = the last window) one processed folder
+            holds; :mod:`towerrec.backtest` sets it for each fold's folder.
     """
 
     method: str = "temporal"
@@ -82,15 +91,56 @@ class SplitSettings:
     val_days: int | None = None
     test_start: str | None = None
     val_start: str | None = None
+    test_end: str | None = None
+    folds: int | None = None
+    window_days: int | None = None
+    fold: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPLIT_METHODS:
-            raise DataError(f"data.split.method: unknown split method '{self.method}' (temporal | leave_one_out)")
+            raise DataError(f"data.split.method: unknown split method '{self.method}' ({' | '.join(SPLIT_METHODS)})")
         if self.method == "temporal":
             if self.test_start is None and self.test_days is None:
                 raise DataError("data.split.test_days: the temporal split needs test_days (or test_start)")
             if self.val_start is None and self.val_days is None:
                 raise DataError("data.split.val_days: the temporal split needs val_days (or val_start)")
+        if self.method == "rolling":
+            if self.folds is None or self.folds < 1:
+                raise DataError(f"data.split.folds: the rolling split needs folds >= 1, got {self.folds!r}")
+            if self.window is None or self.window < 1:
+                raise DataError(f"data.split.window_days: the rolling split needs window_days >= 1 (or test_days), got {self.window!r}")
+            if self.val_days is not None and self.val_days < 1:
+                raise DataError(f"data.split.val_days: expected at least 1 day, got {self.val_days!r}")
+            if self.fold is not None and not 0 <= self.fold < self.folds:
+                raise DataError(f"data.split.fold: expected 0 <= fold < folds={self.folds}, got {self.fold}")
+            for name in ("test_start", "val_start", "test_end"):
+                if getattr(self, name) is not None:
+                    raise DataError(f"data.split.{name}: not an option of the rolling split (its cut dates follow from folds and window_days)")
+
+    @property
+    def window(self) -> int | None:
+        """``rolling``: the days of each test window, ``window_days`` (default ``test_days``)."""
+        return self.window_days if self.window_days is not None else self.test_days
+
+
+def rolling_cuts(split: SplitSettings, last_day: pd.Timestamp) -> list[dict[str, pd.Timestamp | None]]:
+    """The cut dates of every fold of a rolling split, oldest first.
+
+    The last fold is today's temporal split: ``test_start = last_day - window_days``, no end. Each
+    earlier fold's test window ends where the next one's starts, and its validation window is the
+    ``val_days`` (default ``window_days``) before its test window. So fold ``f`` of ``K``::
+
+        test_start = last_day - (K - f) * window_days
+        test_end   = test_start + window_days      (None for the last fold)
+        val_start  = test_start - val_days
+    """
+    days, val_days = split.window, split.val_days or split.window
+    cuts = []
+    for f in range(split.folds):
+        test_start = last_day - pd.Timedelta(days=(split.folds - f) * days)
+        test_end = None if f == split.folds - 1 else test_start + pd.Timedelta(days=days)
+        cuts.append({"val_start": test_start - pd.Timedelta(days=val_days), "test_start": test_start, "test_end": test_end})
+    return cuts
 
 
 @dataclass(frozen=True)
@@ -159,6 +209,11 @@ class PrepareSettings:
             config=cfg,
             config_hash=config_hash(cfg),
         )
+
+
+def split_settings(data_cfg: dict) -> SplitSettings:
+    """The checked :class:`SplitSettings` of a resolved ``data`` config (a one-line DataError if bad)."""
+    return _group(SplitSettings, data_cfg, "split")
 
 
 def _group(cls: type, cfg: dict, name: str) -> Any:

@@ -3,7 +3,8 @@
 ``towerrec-train`` writes ``test_per_user.parquet`` into its run folder and ``towerrec-eval`` writes
 ``<split>_per_user.parquet`` beside each scorer's ``metrics.json``; ``towerrec-compare`` and
 ``towerrec-reproduce`` read them to compare scorers user by user. A file holds ``user_idx`` and one
-``<slice>/<metric>@k`` column per value (NaN where the user has no target in the slice).
+``<slice>/<metric>@k`` column per value (NaN where the user has no target in the slice); the pooled
+file of a rolling backtest also has a ``fold`` column, and a user is identified by (fold, user_idx).
 
 What identifies the evaluation (the scorer's name, the split and the processed data's name and config
 hash) travels in the parquet file's metadata; a file without it is identified by the ``metrics.json``
@@ -20,6 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _META_KEY = b"towerrec"
+
+
+def pair_keys(frame: pd.DataFrame) -> list[str]:
+    """The columns that identify an evaluated user: ``fold`` and ``user_idx`` in a rolling backtest's
+    pooled file (a user is evaluated once per fold), else ``user_idx``."""
+    return ["fold", "user_idx"] if "fold" in frame else ["user_idx"]
 
 
 def per_user_name(split: str) -> str:
@@ -88,6 +95,9 @@ def read_per_user(path: str | Path, split: str = "test") -> tuple[pd.DataFrame, 
     frame = table.to_pandas()
     if "user_idx" not in frame:
         raise ValueError(f"{path}: no user_idx column (not a per-user results file)")
-    if frame["user_idx"].duplicated().any():
-        raise ValueError(f"{path}: user_idx {frame['user_idx'][frame['user_idx'].duplicated()].iloc[0]} appears twice")
+    keys = pair_keys(frame)
+    duplicated = frame.duplicated(keys)
+    if duplicated.any():
+        first = frame.loc[duplicated, keys].iloc[0].tolist()
+        raise ValueError(f"{path}: {'/'.join(keys)} {'/'.join(map(str, first))} appears twice")
     return frame, meta

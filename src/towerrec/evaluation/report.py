@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from towerrec.evaluation.evaluator import ITEM_SLICES, intervals
-from towerrec.evaluation.per_user import read_per_user
+from towerrec.evaluation.per_user import pair_keys, read_per_user
 from towerrec.evaluation.stats import N_FLIPS, paired_difference
 from towerrec.fileio import markdown_table
 
@@ -56,7 +56,7 @@ def pooled_per_user(frames: list[pd.DataFrame]) -> pd.DataFrame:
     Args:
         frames: one ``test_per_user.parquet`` table per run. NaN (no target in the slice) stays NaN.
     """
-    return pd.concat(frames).groupby("user_idx", as_index=False).mean()
+    return pd.concat(frames).groupby(pair_keys(frames[0]), as_index=False).mean()
 
 
 def pooled_intervals(frames: list[pd.DataFrame], ks: list[int]) -> dict[str, dict[str, list[float]]]:
@@ -134,7 +134,7 @@ def compare_to_baseline(
     for name, frame in per_user.items():
         if name == baseline:
             continue
-        joined = frame.merge(ref, on="user_idx", suffixes=("", "/ref"))
+        joined = frame.merge(ref, on=pair_keys(ref), suffixes=("", "/ref"))
         for sl in slices:
             column = f"{sl}/{metric}"
             if column in joined and f"{column}/ref" in joined:
@@ -190,6 +190,31 @@ def format_reproduce_table(models: dict[str, dict], slices: list[str], k: int, v
     return markdown_table(rows)
 
 
+def format_fold_table(per_user: dict[str, pd.DataFrame], metric: str, split: dict) -> str:
+    """A rolling backtest's markdown table: each model's ``metric`` of ``all`` per fold and pooled.
+
+    Args:
+        per_user: per-user tables with a ``fold`` column, by model (a trained model's averaged over seeds).
+        metric: e.g. ``recall@20``.
+        split: the pooled split info (``fold_splits`` with each fold's test window).
+    """
+    column = f"all/{metric}"
+    rows = []
+    for name, frame in per_user.items():
+        if column not in frame or "fold" not in frame:
+            continue
+        by_fold = frame.groupby("fold")[column]
+        row = {"model": name}
+        for info in split["fold_splits"]:
+            f = info["fold"]
+            mean = by_fold.mean().get(f, math.nan)
+            users = int(by_fold.count().get(f, 0))
+            row[f"fold {f} ({info['test_start']})"] = f"{mean:.4f} ({users})"
+        row["pooled"] = f"{frame[column].mean():.4f} ({int(frame[column].count())})"
+        rows.append(row)
+    return markdown_table(pd.DataFrame(rows))
+
+
 def duration(seconds: float) -> str:
     """``"3 min 5 s"`` or ``"42 s"``."""
     minutes, secs = divmod(round(seconds), 60)
@@ -219,7 +244,7 @@ def format_header(header: dict) -> str:
         f"- **wall time**: {duration(header['wall_seconds'])} ({steps}; budget {header['budget_minutes']} min{over}); "
         f"{env['torch_threads']} torch threads, torch {env['torch']}, python {env['python']}"
     )
-    details = ", ".join(f"{key} {value}" for key, value in split.items() if key not in ("name", "method"))
+    details = ", ".join(f"{key} {value}" for key, value in split.items() if key not in ("name", "method", "fold_splits"))
     lines.append(f"- **split**: {split['method']}" + (f" ({details})" if details else ""))
     lines.append(
         f"- **seeds**: {', '.join(map(str, header['seeds']))} — trained models: mean ± sample std over seeds; "

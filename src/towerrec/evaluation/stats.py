@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from towerrec.evaluation.metrics import bootstrap_interval
+from towerrec.evaluation.per_user import pair_keys
 
 #: Random sign patterns of the sign-flip test and bootstrap resamples of the interval.
 N_FLIPS = 10_000
@@ -141,7 +142,8 @@ def compare_per_user(
 
     Args:
         a, b: per-user tables (``user_idx`` and ``<slice>/<metric>@k`` columns), as towerrec-train and
-            towerrec-eval write them; users are matched on ``user_idx`` and only those in both count.
+            towerrec-eval write them; users are matched on ``user_idx`` (and ``fold`` in a rolling
+            backtest) and only those in both count.
         slices: slices to compare, e.g. ``("all", "warm_items", "cold_items")``.
         metrics: ``metric@k`` names; default every one both tables have.
         alpha: the level of the ``verdict`` column.
@@ -150,7 +152,10 @@ def compare_per_user(
     Returns:
         Columns ``slice``, ``metric`` and those of :class:`PairedDifference` plus ``verdict``.
     """
-    joined = a.merge(b, on="user_idx", suffixes=("/a", "/b"), validate="one_to_one")
+    keys = pair_keys(a)
+    if keys != pair_keys(b):
+        raise ValueError("one per-user table has a fold column (a rolling backtest) and the other not: not the same split")
+    joined = a.merge(b, on=keys, suffixes=("/a", "/b"), validate="one_to_one")
     rows = []
     for sl in slices:
         common = [c.split("/", 1)[1] for c in a if c.startswith(f"{sl}/") and c in b]
