@@ -25,14 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec.data.prepare import ensure_prepared, read_manifest
 from towerrec.data.schema import DataError
 from towerrec.data.settings import SplitSettings, split_settings
-from towerrec.evaluation.evaluator import ITEM_SLICES, format_table, intervals
-from towerrec.evaluation.metrics import aggregate
+from towerrec.evaluation.evaluator import format_table, frame_metrics
 from towerrec.evaluation.per_user import per_user_name, read_per_user, write_per_user
 from towerrec.fileio import text_sha256, write_json
 
@@ -128,20 +126,6 @@ def stack_folds(frames: list[pd.DataFrame]) -> pd.DataFrame:
     )
 
 
-def pooled_metrics(per_user: pd.DataFrame, ks: list[int]) -> Slices:
-    """Metrics of the item slices over every (fold, user) pair, with 95% bootstrap intervals over the pairs."""
-    out: Slices = {}
-    for sl in ITEM_SLICES:
-        values = {
-            col.split("/", 1)[1]: torch.tensor(per_user[col].to_numpy(dtype="float64"))
-            for col in per_user
-            if col.startswith(f"{sl}/")
-        }
-        if values:
-            out[sl] = {**aggregate(values), **intervals(values, ks)}
-    return out
-
-
 def _columns(ks: list[int]) -> list[str]:
     return [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "map") if m != "map" or k == 12]
 
@@ -180,7 +164,7 @@ def train_folds(cfg: DictConfig, train_one: Callable[[DictConfig], dict]) -> dic
         frame, _ = read_per_user(out / f"fold{f}", "test")
         frames.append(frame)
     per_user = stack_folds(frames)
-    pooled = pooled_metrics(per_user, ks)
+    pooled = frame_metrics(per_user, ks)
     val_values = [next(iter(fold["val"].values()), None) for fold in folds]
     val_values = [v for v in val_values if v is not None]
     val_key = next(iter(folds[0]["val"]), None)
@@ -231,7 +215,7 @@ def evaluate_folds(cfg: DictConfig, evaluate_one: Callable[[DictConfig], dict[st
             folder = out / f"fold{f}" / name if len(names) > 1 else out / f"fold{f}"
             frames.append(read_per_user(folder, cfg.split)[0])
         per_user = stack_folds(frames)
-        pooled[name] = pooled_metrics(per_user, ks)
+        pooled[name] = frame_metrics(per_user, ks)
         target = out / name if len(names) > 1 else out
         target.mkdir(parents=True, exist_ok=True)
         write_json(target / "metrics.json", {**pooled[name], "model": name, "split": cfg.split, "data": data})

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,23 @@ import pandas as pd
 _BLOCK = 1 << 20
 
 
+def sha256_of(blocks: Iterable[bytes | memoryview]) -> str:
+    """SHA-256 of a stream of byte blocks (or buffers, hashed without a copy)."""
+    h = hashlib.sha256()
+    for block in blocks:
+        h.update(block)
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file's contents, read in 1 MiB blocks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_of(iter(lambda: f.read(_BLOCK), b""))
 
 
 def text_sha256(text: str) -> str:
     """SHA-256 of a string's UTF-8 bytes (canonical JSON, config blobs)."""
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256_of([text.encode()])
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict:
@@ -73,10 +78,8 @@ def tree_fingerprint(folder: str | os.PathLike, pattern: str = "*") -> dict:
                 st = entry.stat()
                 rows.append((name, st.st_size, st.st_mtime_ns))
     rows.sort()
-    h = hashlib.sha256()
-    for name, size, mtime in rows:
-        h.update(f"{name}\t{size}\t{mtime}\n".encode())
-    return {"exists": exists, "files": len(rows), "bytes": sum(r[1] for r in rows), "sha256": h.hexdigest()}
+    digest = sha256_of(f"{name}\t{size}\t{mtime}\n".encode() for name, size, mtime in rows)
+    return {"exists": exists, "files": len(rows), "bytes": sum(r[1] for r in rows), "sha256": digest}
 
 
 def folder_files(folder: str | os.PathLike, names: list[str] | None = None) -> dict[str, dict]:

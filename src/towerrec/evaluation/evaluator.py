@@ -67,6 +67,27 @@ def per_user_frame(per_slice: dict[str, dict[str, Tensor]], user_idx) -> pd.Data
     return pd.DataFrame(columns)
 
 
+def slice_values(per_user: pd.DataFrame, sl: str) -> dict[str, Tensor]:
+    """One item slice of a :func:`per_user_frame`, back as ``{metric@k: (U,) float64 tensor}``."""
+    prefix = f"{sl}/"
+    return {
+        col.removeprefix(prefix): torch.tensor(per_user[col].to_numpy(dtype="float64"))
+        for col in per_user
+        if col.startswith(prefix)
+    }
+
+
+def frame_metrics(per_user: pd.DataFrame, ks: list[int]) -> dict[str, dict[str, float]]:
+    """Means and 95% bootstrap intervals of the item slices of a per-user frame, over its rows
+    (users, or the (fold, user) pairs of a backtest)."""
+    out: dict[str, dict[str, float]] = {}
+    for sl in ITEM_SLICES:
+        values = slice_values(per_user, sl)
+        if values:
+            out[sl] = {**aggregate(values), **intervals(values, ks)}
+    return out
+
+
 def intervals(per_user: dict[str, Tensor], ks: list[int]) -> dict[str, float]:
     """``<metric>_lo@k`` and ``<metric>_hi@k``: 95% bootstrap intervals over users of :data:`INTERVAL_METRICS`."""
     out: dict[str, float] = {}

@@ -19,9 +19,8 @@ import statistics
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from towerrec.evaluation.evaluator import ITEM_SLICES, intervals
+from towerrec.evaluation.evaluator import frame_metrics
 from towerrec.evaluation.per_user import pair_keys, read_per_user
 from towerrec.evaluation.stats import N_FLIPS, paired_difference
 from towerrec.fileio import markdown_table
@@ -69,17 +68,7 @@ def pooled_intervals(frames: list[pd.DataFrame], ks: list[int]) -> dict[str, dic
     Returns:
         ``{slice: {metric@k: [low, high]}}`` for :data:`ITEM_SLICES` x ``evaluator.INTERVAL_METRICS``.
     """
-    per_user = pooled_per_user(frames)
-    slices: Slices = {}
-    for sl in ITEM_SLICES:
-        values = {
-            col.split("/", 1)[1]: torch.tensor(per_user[col].to_numpy(dtype="float64"))
-            for col in per_user
-            if col.startswith(f"{sl}/")
-        }
-        if values:
-            slices[sl] = intervals(values, ks)
-    return interval_pairs(slices)
+    return interval_pairs(frame_metrics(pooled_per_user(frames), ks))
 
 
 def interval_pairs(slices: Slices) -> dict[str, dict[str, list[float]]]:

@@ -8,7 +8,7 @@ lock lets two processes that want the same features compute them once.
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 import logging
 import os
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from towerrec.fileio import sha256_of, text_sha256
+
 log = logging.getLogger(__name__)
 
 #: Bump when the cached arrays' meaning changes (a change in how features are computed).
@@ -31,12 +33,11 @@ _ROWS = 2048
 
 def tensor_sha256(x: Tensor) -> str:
     """SHA-256 of a tensor's bytes (moved to the CPU in row blocks, so a memory map is read, not copied)."""
-    h = hashlib.sha256()
-    h.update(f"{x.dtype}{tuple(x.shape)}".encode())
     x = x.reshape(1) if x.dim() == 0 else x
-    for i in range(0, len(x), _ROWS):
-        h.update(x[i : i + _ROWS].detach().cpu().contiguous().numpy())  # hashed through the buffer, not copied
-    return h.hexdigest()
+    head = [f"{x.dtype}{tuple(x.shape)}".encode()]
+    # Row blocks, hashed through their buffers: a memory map is read, not copied.
+    blocks = (x[i : i + _ROWS].detach().cpu().contiguous().numpy() for i in range(0, len(x), _ROWS))
+    return sha256_of(itertools.chain(head, blocks))
 
 
 def module_sha256(module: nn.Module) -> str:
@@ -44,13 +45,11 @@ def module_sha256(module: nn.Module) -> str:
 
     Batch-norm step counters are left out: they do not change what a frozen (eval-mode) network computes.
     """
-    h = hashlib.sha256()
-    for name, value in sorted(module.state_dict().items()):
-        if name.endswith("num_batches_tracked"):
-            continue
-        h.update(name.encode())
-        h.update(tensor_sha256(value).encode())
-    return h.hexdigest()
+    return sha256_of(
+        f"{name}{tensor_sha256(value)}".encode()
+        for name, value in sorted(module.state_dict().items())
+        if not name.endswith("num_batches_tracked")
+    )
 
 
 def cached_features(folder: str | os.PathLike, name: str, key: dict, compute: Callable[[], Tensor]) -> Tensor:
@@ -67,7 +66,7 @@ def cached_features(folder: str | os.PathLike, name: str, key: dict, compute: Ca
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
+    digest = text_sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True))[:16]
     path = folder / f"{name}-{digest}.npy"
     sidecar = path.with_suffix(".json")
     with filelock.FileLock(str(path) + ".lock"):

@@ -111,24 +111,10 @@ class ItemIndex:
         excluded = set(self.item_idx([item_id, *exclude]).tolist())
         return self.search_vector(query, k, excluded)
 
-    def recommend(
-        self,
-        history: list[str],
-        k: int = 10,
-        exclude: list[str] | tuple[str, ...] = (),
-        exclude_history: bool = True,
-    ) -> list[Hit]:
-        """Items for a user with this purchase ``history`` (oldest first), each with ``because``.
-
-        The user tower of the exported checkpoint turns the history's exported embeddings into the query.
-
-        Args:
-            history: raw item ids, oldest first.
-            k: items to return.
-            exclude: raw ids to leave out.
-            exclude_history: leave out the history items too (repurchases are allowed when False).
-        """
-        return self.recommender().recommend(history, k, exclude, exclude_history)
+    def recommend(self, history: list[str], *args, **kwargs) -> list[Hit]:
+        """Items for a user with this purchase ``history`` (oldest first), each with ``because``:
+        :meth:`Recommender.recommend <towerrec.retrieval.recommend.Recommender.recommend>` of this export."""
+        return self.recommender().recommend(history, *args, **kwargs)
 
     def recommender(self, ckpt_path: str | Path | None = None) -> Recommender:
         """The :class:`~towerrec.retrieval.recommend.Recommender` of this export, loaded once.

@@ -353,6 +353,11 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
         Image.fromarray(pixels).save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
 
+    def answer_batch(answer, queries: list) -> JSONResponse:
+        check_batch(len(queries))
+        served = holder.current  # every query of the batch from one export, even across a reload
+        return JSONResponse({"responses": [answer(served, q) for q in queries]})
+
     @app.get(f"{API}/items/{{item_id}}/similar", response_model=Results,
              tags=["queries"])  # fmt: skip
     def similar_items(item_id: str, params: Annotated[SimilarQuery, Query()]) -> JSONResponse:
@@ -363,9 +368,7 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
     @app.post(f"{API}/similar", response_model=BatchResults, tags=["queries"])
     def similar_batch(body: SimilarBatch) -> JSONResponse:
         """Many item-to-item queries in one request, answered from one export."""
-        check_batch(len(body.queries))
-        served = holder.current
-        return JSONResponse({"responses": [similar(served, q) for q in body.queries]})
+        return answer_batch(similar, body.queries)
 
     @app.post(f"{API}/recommend", response_model=Results, tags=["queries"])
     def recommend_one(body: RecommendRequest) -> JSONResponse:
@@ -376,9 +379,7 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
               tags=["queries"])  # fmt: skip
     def recommend_batch(body: RecommendBatch) -> JSONResponse:
         """Many history queries in one request, answered from one export."""
-        check_batch(len(body.queries))
-        served = holder.current
-        return JSONResponse({"responses": [recommend(served, q) for q in body.queries]})
+        return answer_batch(recommend, body.queries)
 
     @app.post(f"{API}/admin/reload", tags=["admin"], dependencies=[Depends(admin)])
     async def reload() -> JSONResponse:
