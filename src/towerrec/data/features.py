@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,12 @@ class ItemFeatures:
     @property
     def num_items(self) -> int:
         return self.images.shape[0] - 1
+
+    @cached_property
+    def looks(self) -> Tensor:
+        """:func:`image_features` of the catalogue, computed once: ``content_knn`` and every
+        evaluation's ``image_diversity@k`` share it."""
+        return image_features(self.images, self.has_image)
 
 
 

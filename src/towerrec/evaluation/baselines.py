@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from towerrec.data.datamodule import EvalSplit, SequenceDataModule
-from towerrec.data.features import content_features, image_features, sparse
+from towerrec.data.features import content_features, sparse
 from towerrec.data.splits import EVAL_SPLITS, history_splits
 from towerrec.evaluation.evaluator import seen_pairs
 from towerrec.evaluation.metrics import PAD, topk_from_scorer
@@ -379,7 +379,7 @@ class ContentKNN(Baseline):
         f = dm.item_features
         mats = []
         if self.features in ("image", "both"):
-            img = image_features(f.images, f.has_image)  # dense (N+1, 256)
+            img = f.looks  # dense (N+1, 256) image features
             mats.append((img, img.T.contiguous()))
         if self.features in ("content", "both"):
             txt = content_features(f)  # sparse (N+1, D)

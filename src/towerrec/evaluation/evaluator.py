@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from towerrec.data.features import ItemFeatures, image_features
+from towerrec.data.features import ItemFeatures
 from towerrec.evaluation.metrics import (
     PAD,
     aggregate,
@@ -171,10 +171,9 @@ def score_split(
     results = evaluate_split(topk, split, features.is_cold, features.train_users, ks, segments, per_slice)
     if features.has_image.any() and len(topk):
         # Beyond accuracy: how different the recommended items look (8x8 thumbnails, colour histograms).
-        looks = image_features(features.images, features.has_image)
         for k in ks:
             if k >= 2:
-                results["all"][f"image_diversity@{k}"] = intra_list_diversity_at_k(topk, looks, k)
+                results["all"][f"image_diversity@{k}"] = intra_list_diversity_at_k(topk, features.looks, k)
     return results, per_user_frame(per_slice, split.user_idx.cpu().numpy())
 
 

@@ -90,8 +90,8 @@ def load_trained(
     path: str | Path,
     processed_dir: str | None = None,
     device: str | torch.device = "cpu",
-    expected_hash: str | None = None,
     force: bool = False,
+    dm: SequenceDataModule | None = None,
 ) -> tuple[TwoTowerModule, SequenceDataModule]:
     """The trained module with its item features, and the set-up DataModule it was trained on.
 
@@ -99,26 +99,27 @@ def load_trained(
         path: the ``.ckpt`` file.
         processed_dir: the processed data folder, when it moved since training.
         device: where the module goes.
-        expected_hash: refuse a checkpoint trained on processed data with another ``config_hash``
-            (pass the hash of the data about to be used), unless ``force``.
-        force: use the checkpoint on other data all the same.
+        force: use a checkpoint trained on processed data with another ``config_hash`` all the same
+            (refused otherwise).
+        dm: a set-up DataModule to use instead of rebuilding the recorded one (``towerrec-train``
+            tests on the data it just trained on).
 
     Raises:
         CheckpointError: with a one-line reason.
     """
     ckpt = read_checkpoint(path)
-    dm_args = dict(ckpt.get(DATAMODULE_KEY) or {})
-    if not dm_args and processed_dir is None:
-        raise CheckpointError(f"{path}: no DataModule arguments recorded; pass the processed data folder")
-    if processed_dir is not None:
-        dm_args["processed_dir"] = str(processed_dir)
-    dm = SequenceDataModule(**dm_args)
-    dm.setup()
+    if dm is None:
+        dm_args = dict(ckpt.get(DATAMODULE_KEY) or {})
+        if not dm_args and processed_dir is None:
+            raise CheckpointError(f"{path}: no DataModule arguments recorded; pass the processed data folder")
+        if processed_dir is not None:
+            dm_args["processed_dir"] = str(processed_dir)
+        dm = SequenceDataModule(**dm_args)
+        dm.setup()
     trained_on, current = data_hash(ckpt), dm.manifest.get("config_hash")
-    wanted = expected_hash or current
-    if trained_on is not None and trained_on != wanted and not force:
+    if trained_on is not None and trained_on != current and not force:
         raise CheckpointError(
-            f"{path}: trained on processed data {trained_on[:12]}, but {dm.processed_dir} has {wanted[:12]} "
+            f"{path}: trained on processed data {trained_on[:12]}, but {dm.processed_dir} has {current[:12]} "
             "(pass force=true to use it anyway)"
         )
     model = load_model(path, device, ckpt)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from towerrec.retrieval.hits import Hit
+
 #: The hard cap on ``k``; a server's ``--max-k`` can only lower it.
 K_CAP = 1000
 
@@ -49,27 +51,12 @@ class RecommendBatch(_Strict):
     queries: list[RecommendRequest] = Field(min_length=1)
 
 
-class HitOut(BaseModel):
-    """One result, exactly as ``towerrec-similar --json`` prints it."""
-
-    item_id: str
-    item_idx: int
-    score: float
-    title: str
-    image: str | None
-    is_cold: bool
-    because: str | None = Field(
-        None, description="history queries: the history item most similar to this one"
-    )
-    because_score: float | None = None
-
-
 class Results(BaseModel):
     """``query``, ``exclude`` and ``results``, as ``towerrec-similar --json`` prints them."""
 
     query: dict
     exclude: list[str]
-    results: list[HitOut]
+    results: list[Hit]  # exactly as towerrec-similar --json prints them
 
 
 class BatchResults(BaseModel):
