@@ -14,8 +14,9 @@ config is rolling. Each fold is an ordinary run in ``<out>/fold<f>/``; the poole
 metrics over every evaluated (fold, user) pair, with bootstrap intervals over those pairs, written
 beside them. Pooled per-user files carry a ``fold`` column, so paired tests match (fold, user_idx).
 
-Not implemented: ``refit`` (retraining each fold on train + validation for the selected number of
-epochs); each fold tests the checkpoint selected on its validation window.
+With ``refit=true`` each fold is a refit run (:func:`towerrec.train.refit`): the epoch count is
+chosen on the fold's validation window (``fold<f>/select``), then the model is retrained on the fold's
+training + validation interactions and tested on its window.
 """
 
 from __future__ import annotations
@@ -149,8 +150,6 @@ def train_folds(cfg: DictConfig, train_one: Callable[[DictConfig], dict]) -> dic
         ``metrics.json``'s content: ``test`` (pooled item slices), ``val`` (mean of the folds' best
         validation values), ``folds`` (each fold's split, val and test), ``data`` (pooled hash, split).
     """
-    if cfg.get("refit"):
-        raise DataError("refit: not implemented; each fold tests the checkpoint selected on its validation window")
     out = Path(cfg.paths.output_dir)
     ks = sorted(int(k) for k in cfg.model.ks)
     manifests = prepare_folds(cfg.data, workers=cfg.workers)
@@ -160,7 +159,10 @@ def train_folds(cfg: DictConfig, train_one: Callable[[DictConfig], dict]) -> dic
         metrics = train_one(fold_config(cfg, data, out / f"fold{f}"))
         if not metrics:  # a non-zero rank of a multi-process run
             return {}
-        folds.append({"fold": f, "dir": f"fold{f}", "split": metrics["data"]["split"], "val": metrics["val"], "test": metrics["test"]})
+        fold = {"fold": f, "dir": f"fold{f}", "split": metrics["data"]["split"], "val": metrics["val"], "test": metrics["test"]}
+        if "refit" in metrics:
+            fold["refit"] = metrics["refit"]
+        folds.append(fold)
         frame, _ = read_per_user(out / f"fold{f}", "test")
         frames.append(frame)
     per_user = stack_folds(frames)

@@ -1,6 +1,8 @@
 """``towerrec-train``: instantiate -> fit -> test the best checkpoint -> ``metrics.json``.
 
 The run folder also gets ``test_per_user.parquet``: each test user's metrics in the item slices.
+With ``refit=true`` the run first selects the number of epochs on validation (in ``<out>/select``),
+then trains again on training + validation for that many epochs and tests those final weights.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pandas as pd
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec.backtest import is_rolling, train_folds
 from towerrec.cli import hydra_cli
@@ -60,10 +62,66 @@ def train(cfg: DictConfig) -> dict:
     """Train, test the checkpoint with the best validation metric, write ``metrics.json``.
 
     With ``data.split.method=rolling`` every fold is trained and tested in ``<out>/fold<f>`` and the
-    pooled result written in ``<out>`` (:func:`towerrec.backtest.train_folds`).
+    pooled result written in ``<out>`` (:func:`towerrec.backtest.train_folds`). With ``refit=true``,
+    see :func:`refit`.
     """
     if is_rolling(cfg.data):
         return train_folds(cfg, train)
+    if cfg.get("refit"):
+        return refit(cfg)
+    return fit_and_test(cfg)
+
+
+#: Callbacks that read the validation metric: a refit has no validation to read.
+_SELECTION_CALLBACKS = ("lightning.pytorch.callbacks.ModelCheckpoint", "lightning.pytorch.callbacks.EarlyStopping")
+
+
+def refit(cfg: DictConfig) -> dict:
+    """Select the number of epochs on validation, then retrain on training + validation and test.
+
+    1. ``<out>/select``: an ordinary run (early stopping and checkpoint selection on validation);
+       its best checkpoint's epoch ``e`` gives the schedule, ``e + 1`` epochs.
+    2. ``<out>``: the same config and seed with ``datamodule.fit_splits=[train, val]``,
+       ``trainer.max_epochs=e + 1``, no validation loop and no selection callbacks; its final weights
+       (``checkpoints/final.ckpt``) are tested on the test split.
+
+    The model then trains up to the test window, as the baselines' histories and counts already do.
+    ``metrics.json`` has the refit run's ``test``, the selection run's ``val``, and ``refit``: the
+    epochs, and the selection run's folder and test figures (the same split: paired comparisons of
+    the two are ``towerrec-compare <out>/select <out>``).
+    """
+    out = Path(cfg.paths.output_dir)
+    select_cfg = cfg.copy()
+    with open_dict(select_cfg):
+        select_cfg.refit = False
+        select_cfg.paths.output_dir = str(out / "select")
+    selected = fit_and_test(select_cfg)
+    if not selected:  # a non-zero rank of a multi-process run
+        return {}
+    epochs = int(selected["best_epoch"]) + 1
+    refit_cfg = cfg.copy()
+    with open_dict(refit_cfg):
+        refit_cfg.refit = False
+        refit_cfg.ckpt_path = None
+        refit_cfg.paths.output_dir = str(out)
+        refit_cfg.datamodule.fit_splits = ["train", "val"]
+        refit_cfg.trainer.max_epochs = epochs
+        refit_cfg.trainer.limit_val_batches = 0
+        refit_cfg.trainer.enable_checkpointing = False  # else Lightning adds a default ModelCheckpoint
+        refit_cfg.callbacks = {k: c for k, c in cfg.callbacks.items() if c.get("_target_") not in _SELECTION_CALLBACKS}
+    log.info("refit: training on train + val for %d epochs (selected on validation in %s)", epochs, out / "select")
+    metrics = fit_and_test(refit_cfg)
+    if not metrics:
+        return {}
+    metrics["val"] = selected["val"]
+    metrics["refit"] = {"epochs": epochs, "selected": {"dir": "select", "best_checkpoint": selected["best_checkpoint"], "test": selected["test"]}}
+    write_json(out / "metrics.json", metrics)
+    print(f"refit on train + val for {epochs} epochs, the best validation epoch count of {out / 'select'}")
+    return metrics
+
+
+def fit_and_test(cfg: DictConfig) -> dict:
+    """One run: fit (selecting the checkpoint on validation), test it, write ``metrics.json``."""
     if cfg.ckpt_path is not None:
         read_checkpoint(cfg.ckpt_path)  # refuses a file holding pickled objects in one line, before Lightning reads it
     dm, model, run_cfg = build(cfg)
@@ -98,6 +156,8 @@ def train(cfg: DictConfig) -> dict:
         "test": test,
         "val": {"best_" + ckpt.monitor.replace("val/", ""): val_best} if ckpt is not None else {},
         "best_checkpoint": best,
+        # 0-based: the selected model trained best_epoch + 1 epochs (None without a checkpoint callback)
+        "best_epoch": int(read_checkpoint(best)["epoch"]) if ckpt is not None else None,
         "seed": cfg.seed,
         "data": {"name": cfg.data.name, "split": dm.manifest["split"], "config_hash": dm.manifest["config_hash"]},
     }
@@ -106,7 +166,7 @@ def train(cfg: DictConfig) -> dict:
     write_per_user(per_user, out / per_user_name("test"), "two_tower", "test", metrics["data"])
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
     slices = {s: test[s] for s in cfg.print_slices if s in test}
-    print(f"\nbest val {ckpt.monitor if ckpt else ''}: {val_best}  checkpoint: {best}")
+    print(f"\nbest val {ckpt.monitor}: {val_best}  checkpoint: {best}" if ckpt else f"\nfinal weights: {best}")
     print(f"test ({dm.manifest['split']['method']} split, seed {cfg.seed}):\n" + format_table({cfg.data.name: slices}, cols))
     print(f"metrics: {out / 'metrics.json'}")
     return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from towerrec.data.features import ItemFeatures
 from towerrec.data.image_cache import load_image_cache
 from towerrec.data.manifest import load_manifest
+from towerrec.data.schema import DataError
 from towerrec.data.sentence_features import load_sentence_features
 from towerrec.data.splits import EVAL_SPLITS, history_splits
 
@@ -147,6 +149,11 @@ class SequenceDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         sentence_features: optional ``.npy`` of precomputed sentence-model item features.
         seed: seeds the shuffling (with the epoch number).
+        fit_splits: the processed splits the model trains on: ``[train]``, or ``[train, val]`` to refit
+            on the validation window as well once the number of epochs was chosen on it
+            (``towerrec-train refit=true``). The model's warm/cold flags and item counts
+            (:attr:`model_features`) follow them; evaluation slices keep the data's own (no training
+            interaction), so a refit model is scored on the same slices as the rest.
     """
 
     def __init__(
@@ -161,8 +168,12 @@ class SequenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         sentence_features: str | None = None,
         seed: int = 0,
+        fit_splits: list[str] | tuple[str, ...] = ("train",),
     ) -> None:
         super().__init__()
+        fit_splits = tuple(fit_splits)
+        if fit_splits not in (("train",), ("train", "val")):
+            raise DataError(f"datamodule.fit_splits: expected [train] or [train, val], got {list(fit_splits)}")
         # Plain values: a checkpoint records them, so the data of a trained model can be rebuilt.
         self.save_hyperparameters(logger=False)
         self.processed_dir = Path(processed_dir)
@@ -175,6 +186,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.sentence_features = sentence_features
         self.seed = seed
+        self.fit_splits = fit_splits
         self._loaded = False
 
     # ------------------------------------------------------------------ loading
@@ -205,7 +217,8 @@ class SequenceDataModule(L.LightningDataModule):
             sentence=sentence,
         )
         split = self.interactions["split"].to_numpy()
-        tr = self.interactions[split == "train"]
+        tr = self.interactions[np.isin(split, self.fit_splits)]
+        self.model_features = self.item_features if self.fit_splits == ("train",) else _fit_features(self.item_features, tr)
         x, y = train_windows(tr["user_idx"].to_numpy(), tr["item_idx"].to_numpy(), self.max_len)
         self.train_data = _BatchDataset(inputs=torch.from_numpy(x), targets=torch.from_numpy(y))
         self.val_split = self._eval_split("val")
@@ -288,6 +301,20 @@ class SequenceDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._eval_dataset(self.test_split), self.eval_batch_size, shuffle=False)
+
+
+def _fit_features(features: ItemFeatures, fit: pd.DataFrame) -> ItemFeatures:
+    """``features`` with the warm/cold flags and counts of the interactions ``fit`` the model trains on."""
+    n = features.num_items + 1
+    count = np.bincount(fit["item_idx"].to_numpy(), minlength=n)
+    users = np.bincount(fit.drop_duplicates(["user_idx", "item_idx"])["item_idx"].to_numpy(), minlength=n)
+    count[0] = users[0] = 0
+    return dataclasses.replace(
+        features,
+        is_cold=torch.from_numpy(count == 0),
+        train_count=torch.from_numpy(count.astype(np.int64)),
+        train_users=torch.from_numpy(users.astype(np.int64)),
+    )
 
 
 def _pad_groups_full(code: np.ndarray, values: np.ndarray, n_groups: int, width: int, align: str) -> np.ndarray:

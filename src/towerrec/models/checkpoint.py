@@ -127,5 +127,5 @@ def load_trained(
         raise CheckpointError(
             f"{path}: trained on {model.hparams.meta['num_items']} items, but {dm.processed_dir} has {dm.meta['num_items']}"
         )
-    model.attach_features(dm.item_features)
+    model.attach_features(dm.model_features)  # the flags and counts of what it trained on
     return model, dm

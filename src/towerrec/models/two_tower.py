@@ -96,7 +96,7 @@ class TwoTowerModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and self.item_tower.is_cold is None:
-            self.attach_features(dm.item_features)
+            self.attach_features(dm.model_features)
 
     # ------------------------------------------------------------------ forward
     def queries(self, hist_emb: Tensor, pad: Tensor) -> Tensor:
