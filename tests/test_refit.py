@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
+from towerrec.compare import compare
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.schema import DataError
 from towerrec.models.checkpoint import load_trained
@@ -84,3 +85,6 @@ def test_rolling_refit_runs_in_every_fold(tmp_path):
         assert (tmp_path / "run" / fold["dir"] / "select" / "metrics.json").exists()
         ckpt = torch.load(tmp_path / "run" / fold["dir"] / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
         assert list(ckpt["datamodule_hyper_parameters"]["fit_splits"]) == ["train", "val"]
+    # The selection runs are pooled too, on the same (fold, user) pairs: refit against no refit.
+    table, _, _ = compare(tmp_path / "run", tmp_path / "run" / "select", metrics=["recall@20"])
+    assert table.loc[table["slice"] == "all", "users"].item() == metrics["test"]["all"]["users"]

@@ -167,10 +167,14 @@ def train_folds(cfg: DictConfig, train_one: Callable[[DictConfig], dict]) -> dic
         frames.append(frame)
     per_user = stack_folds(frames)
     pooled = frame_metrics(per_user, ks)
+    data = {"name": cfg.data.name, "split": pooled_split_info(manifests), "config_hash": pooled_hash(manifests)}
+    if cfg.get("refit"):  # the selection runs pooled too: towerrec-compare <out> <out>/select pairs refit and not
+        selected = stack_folds([read_per_user(out / f"fold{f}" / "select", "test")[0] for f in range(len(folds))])
+        (out / "select").mkdir(parents=True, exist_ok=True)
+        write_per_user(selected, out / "select" / per_user_name("test"), "two_tower", "test", data)
     val_values = [next(iter(fold["val"].values()), None) for fold in folds]
     val_values = [v for v in val_values if v is not None]
     val_key = next(iter(folds[0]["val"]), None)
-    data = {"name": cfg.data.name, "split": pooled_split_info(manifests), "config_hash": pooled_hash(manifests)}
     metrics = {
         "test": pooled,
         "val": {val_key: sum(val_values) / len(val_values)} if val_key and val_values else {},

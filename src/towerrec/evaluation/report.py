@@ -235,14 +235,14 @@ def format_header(header: dict) -> str:
     )
     details = ", ".join(f"{key} {value}" for key, value in split.items() if key not in ("name", "method", "fold_splits"))
     lines.append(f"- **split**: {split['method']}" + (f" ({details})" if details else ""))
-    lines.append(
-        f"- **seeds**: {', '.join(map(str, header['seeds']))} — trained models: mean ± sample std over seeds; "
-        "baselines: one run"
-    )
+    units = "(fold, user) pairs" if split["method"] == "rolling" else "users"
+    seeds = header["seeds"]
+    spread = "mean ± sample std over seeds" if len(seeds) > 1 else "one run each"
+    lines.append(f"- **seeds**: {', '.join(map(str, seeds))} — trained models: {spread}; baselines: one run")
     for name, overrides in header["experiments"].items():
         lines.append(f"  - `{name}`: `{' '.join(overrides)}`")
     lines.append(
-        "- **intervals**: 95% percentile bootstrap over the test users (1,000 resamples), of each user's "
+        f"- **intervals**: 95% percentile bootstrap over the test {units} (1,000 resamples), of each user's "
         "value averaged over the seeds for a trained model"
     )
     n_items = data["counts"].get("items")
@@ -256,7 +256,7 @@ def format_header(header: dict) -> str:
         lines.append(
             f"- **paired tests**: every model against the best baseline by {comparison['metric']} of `all`, "
             f"`{comparison['baseline']}`: the mean per-user difference in {comparison['metric']}, a sign-flip "
-            f"p-value ({comparison['flips']:,} patterns) over the users both have, better / worse at "
+            f"p-value ({comparison['flips']:,} patterns) over the {units} both have, better / worse at "
             f"p < {comparison['alpha']}, else not distinguishable; a trained model's per-user values are "
             "averaged over the seeds first"
         )

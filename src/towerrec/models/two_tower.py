@@ -129,10 +129,12 @@ class TwoTowerModule(L.LightningModule):
         if m:
             pieces.append(torch.randint(1, n_items + 1, (m,), device=inputs.device))
         uniq, inv = torch.unique(torch.cat(pieces), return_inverse=True)
-        emb = self.item_tower(uniq)  # (C, D), with ID dropout
         # "candidates": histories keep their IDs (as at serving time, when they are mostly warm) and
-        # only the scored side is dropped, DropoutNet-style; it costs a second item-tower pass.
-        hist_emb = self.item_tower(uniq, drop_ids=False) if self.id_dropout_side == "candidates" else emb
+        # only the scored side is dropped, DropoutNet-style; the two views share the image and content parts.
+        if self.id_dropout_side == "candidates":
+            emb, hist_emb = self.item_tower.forward_views(uniq, (True, False))  # (C, D') each
+        else:
+            emb = hist_emb = self.item_tower(uniq)  # (C, D'), with ID dropout
         n = inputs.numel()
         hist = hist_emb[inv[:n]].view(*inputs.shape, -1)  # (B, L, D')
         h = self.queries(hist, inputs == 0)  # (B, L, D')

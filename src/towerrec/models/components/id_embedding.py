@@ -20,16 +20,19 @@ class IdEmbedding(nn.Module):
         min_count: training interactions an item needs to use its id at all. Below it the id row
             would be fitted to one or two purchases; such items go through image and content, like
             cold items, which also gives that path many more training examples.
+        init_std: standard deviation of the rows' normal initialisation. A row moves only when its item
+            is in a batch, so the init of a rarely bought item is most of what the fusion sees of it:
+            large values there are noise that the rest of the tower has to outweigh.
     """
 
-    def __init__(self, num_items: int, dim: int, dropout_p: float = 0.3, min_count: int = 1) -> None:
+    def __init__(self, num_items: int, dim: int, dropout_p: float = 0.3, min_count: int = 1, init_std: float = 1.0) -> None:
         super().__init__()
         self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.unknown = nn.Parameter(torch.zeros(dim))
         self.dropout_p = dropout_p
         self.min_count = min_count
         self.out_dim = dim
-        nn.init.normal_(self.embedding.weight, std=1.0)
+        nn.init.normal_(self.embedding.weight, std=init_std)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
 

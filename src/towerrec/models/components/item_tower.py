@@ -90,11 +90,20 @@ class ItemTower(nn.Module):
 
     def forward(self, idx: Tensor, drop_ids: bool = True) -> Tensor:
         """``(...)`` item indices -> ``(..., out_dim)``; ``drop_ids=False`` turns ID dropout off for this call."""
+        return self.forward_views(idx, (drop_ids,))[0]
+
+    def forward_views(self, idx: Tensor, drop_ids: tuple[bool, ...]) -> list[Tensor]:
+        """The item vectors of ``idx`` once per ID-dropout setting in ``drop_ids``, e.g. ``(True, False)``
+        for the dropped candidates and the kept histories of ``id_dropout_side=candidates``.
+
+        The image and content parts (the costly ones) are computed once and shared by every view: the
+        views differ only in their ID part.
+        """
         shape = idx.shape
         flat = idx.reshape(-1)
-        parts: list[Tensor] = []
-        if self.id_encoder is not None:
-            parts.append(self.id_encoder(flat, warm=self.id_usable[flat], drop=drop_ids))
+        # The ID parts first: with one view, random numbers are drawn in the same order as ever.
+        ids = [self.id_encoder(flat, warm=self.id_usable[flat], drop=d) for d in drop_ids] if self.id_encoder is not None else []
+        shared: list[Tensor] = []
         if self.image_encoder is not None:
             if self.frozen_image:
                 if self.image_cache is None or self.image_cache.device != flat.device:
@@ -103,14 +112,18 @@ class ItemTower(nn.Module):
             else:
                 img = self.image_encoder(self.images[flat])
             img = torch.where(self.has_image[flat].unsqueeze(-1), img, self.no_image.expand_as(img))
-            parts.append(img)
+            shared.append(img)
         if self.content_encoder is not None:
             sent = self.sentence[flat] if self.sentence is not None else None
-            parts.append(self.content_encoder(self.categorical[flat], self.text[flat], sent))
-        out = F.normalize(self.fusion(parts), dim=-1)  # (B*, D)
-        if self.sketch is not None:
-            out = torch.cat([out, self.sketch(flat)], dim=-1) / SKETCH_NORM
-        return out.reshape(*shape, self.out_dim)
+            shared.append(self.content_encoder(self.categorical[flat], self.text[flat], sent))
+        sketch = self.sketch(flat) if self.sketch is not None else None
+        views = []
+        for v in range(len(drop_ids)):
+            out = F.normalize(self.fusion([ids[v], *shared] if ids else shared), dim=-1)  # (B*, D)
+            if sketch is not None:
+                out = torch.cat([out, sketch], dim=-1) / SKETCH_NORM
+            views.append(out.reshape(*shape, self.out_dim))
+        return views
 
     def learned_part(self, vectors: Tensor) -> Tensor:
         """The learned values of item vectors ``(..., out_dim) -> (..., dim)``, as stored (scaled with a sketch)."""
