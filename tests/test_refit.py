@@ -75,6 +75,15 @@ def test_fit_splits_read_train_and_val_only(refit_run):
         SequenceDataModule(str(root / "data"), fit_splits=["train", "test"])
 
 
+def test_refit_without_a_checkpoint_callback_is_refused_before_training(tmp_path):
+    tiny = [o for o in TINY_TRAIN if "callbacks" not in o]
+    cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tmp_path / 'data'}", *tiny, "callbacks=none",
+                                "refit=true"], tmp_path / "run")
+    with pytest.raises(DataError, match=r"^refit=true: .*ModelCheckpoint"):
+        train(cfg)
+    assert not (tmp_path / "run" / "select").exists()
+
+
 def test_rolling_refit_runs_in_every_fold(tmp_path):
     rolling = ["data.split.method=rolling", "+data.split.folds=2", "+data.split.window_days=5", "data.split.val_days=4"]
     cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tmp_path / 'data'}", *rolling, *TINY_TRAIN,

@@ -90,6 +90,8 @@ def refit(cfg: DictConfig) -> dict:
     epochs, and the selection run's folder and test figures (the same split: paired comparisons of
     the two are ``towerrec-compare <out>/select <out>``).
     """
+    if not any((c or {}).get("_target_") == _SELECTION_CALLBACKS[0] for c in cfg.callbacks.values()):
+        raise DataError("refit=true: the selection run needs a ModelCheckpoint on validation (callbacks=default) to choose the epoch count")
     out = Path(cfg.paths.output_dir)
     select_cfg = cfg.copy()
     with open_dict(select_cfg):
