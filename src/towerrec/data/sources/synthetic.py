@@ -77,39 +77,12 @@ class SyntheticTruth:
     complement: np.ndarray  # (n_categories,), the likely next category after each category
 
 
-def generate_synthetic(
-    n_users: int = 3000,
-    n_items: int = 2000,
-    n_interactions: int = 60000,
-    n_categories: int = 12,
-    image_size: int = 32,
-    cold_fraction: float = 0.1,
-    days: int = 120,
-    release_day: int = 100,
-    seed: int = 0,
-) -> RawDataset:
+def generate_synthetic(**params) -> RawDataset:
     """Generate the synthetic shop: interactions, catalog with in-memory images, and users.
 
-    Args:
-        n_interactions: exact number of purchases; at least 3 per user.
-        image_size: side of the square RGB images, in pixels.
-        cold_fraction: share of items released on ``release_day`` (never bought before it).
-        days: length of the period that starts on 2024-01-01.
-        release_day: day (0-based) the new items go on sale.
-        seed: the same seed and arguments give identical output.
+    Takes the arguments of :func:`generate_synthetic_with_truth` (all optional), without its truth.
     """
-    dataset, _ = generate_synthetic_with_truth(
-        n_users=n_users,
-        n_items=n_items,
-        n_interactions=n_interactions,
-        n_categories=n_categories,
-        image_size=image_size,
-        cold_fraction=cold_fraction,
-        days=days,
-        release_day=release_day,
-        seed=seed,
-    )
-    return dataset
+    return generate_synthetic_with_truth(**params)[0]
 
 
 def generate_synthetic_with_truth(
@@ -123,18 +96,17 @@ def generate_synthetic_with_truth(
     release_day: int = 100,
     seed: int = 0,
 ) -> tuple[RawDataset, SyntheticTruth]:
-    """Like :func:`generate_synthetic`, also returning the hidden attributes behind the data."""
-    params = dict(
-        n_users=n_users,
-        n_items=n_items,
-        n_interactions=n_interactions,
-        n_categories=n_categories,
-        image_size=image_size,
-        cold_fraction=cold_fraction,
-        days=days,
-        release_day=release_day,
-        seed=seed,
-    )
+    """The synthetic shop and the hidden attributes behind it.
+
+    Args:
+        n_interactions: exact number of purchases; at least 3 per user.
+        image_size: side of the square RGB images, in pixels.
+        cold_fraction: share of items released on ``release_day`` (never bought before it).
+        days: length of the period that starts on 2024-01-01.
+        release_day: day (0-based) the new items go on sale.
+        seed: the same seed and arguments give identical output.
+    """
+    params = dict(locals())  # the arguments, in signature order (recorded in the dataset's sources)
     _check_params(**params)
     complement = complement_map(n_categories)
     catalog = _draw_catalog(n_items, n_categories, cold_fraction, np.random.default_rng([seed, _CATALOG]))
