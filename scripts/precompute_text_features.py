@@ -29,6 +29,7 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 
 from towerrec import CONFIG_DIR
+from towerrec.backtest import fold_data_configs, is_rolling, prepare_folds
 from towerrec.data.manifest import load_manifest
 from towerrec.data.prepare import ensure_prepared
 from towerrec.data.schema import DataError
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not cfg.datamodule.sentence_features:
         raise SystemExit("error: this run config sets no datamodule.sentence_features (the file to write); pass one")
     try:
-        processed = ensure_prepared(cfg.data, workers=cfg.workers)
+        if is_rolling(cfg.data):  # every fold holds the same catalog: one file serves them all (checked per fold)
+            prepare_folds(cfg.data, workers=cfg.workers)
+            processed = ensure_prepared(fold_data_configs(cfg.data)[-1], workers=cfg.workers)
+        else:
+            processed = ensure_prepared(cfg.data, workers=cfg.workers)
         meta = precompute(Path(processed), Path(cfg.datamodule.sentence_features), args.model_path, args.batch_size)
     except DataError as err:
         raise SystemExit(f"error: {err}") from None

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_DATA
+from conftest import TINY_DATA, compose_cfg
 
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.schema import DataError
@@ -110,3 +110,24 @@ def test_features_of_other_data_or_changed_since_written_are_refused_in_one_line
     np.save(tmp_path / "bare.npy", values)
     assert "no sidecar" in _one_line_error(tmp_path / "bare.npy", processed)
     assert "no such sentence-features file" in _one_line_error(tmp_path / "missing.npy", processed)
+
+
+@needs_text
+def test_one_features_file_serves_every_fold_of_a_rolling_split(tmp_path):
+    """The script on a rolling split writes one file; each fold's DataModule accepts it (same catalog, same texts)."""
+    from towerrec.backtest import fold_data_configs
+
+    spec = importlib.util.spec_from_file_location("precompute_text_features", REPO / "scripts" / "precompute_text_features.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "minilm.npy"
+    rolling = ["data.split.method=rolling", "+data.split.folds=2", "+data.split.window_days=5", "data.split.val_days=4"]
+    overrides = [*TINY_DATA, *rolling, f"data.processed_dir={tmp_path}/syn", f"datamodule.sentence_features={out}"]
+    meta = script.main(overrides)
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    folds = [Path(c.processed_dir) for c in fold_data_configs(cfg.data)]
+    assert len(folds) == 2 and all((f / "manifest.json").exists() for f in folds)
+    for processed in folds:
+        dm = SequenceDataModule(str(processed), sentence_features=str(out))
+        dm.setup()
+        assert dm.meta["sentence_features"]["sha256"] == meta["sha256"]
