@@ -197,3 +197,28 @@ def test_item_tower_with_sketch_appends_it_and_stays_unit_norm():
     assert out.shape == (3, D + 32) and t.out_dim == D + 32
     assert torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(out[:, D:] * 2**0.5, t.sketch(torch.tensor([1, 2, N])), atol=1e-6)
+
+
+def test_residual_id_starts_as_the_no_id_tower_and_learns_only_the_warm_rows():
+    def build(ids: bool) -> ItemTower:
+        torch.manual_seed(0)
+        t = ItemTower(
+            dim=D,
+            fusion=partial(ConcatMLPFusion, hidden=16, dropout=0.0),
+            id_encoder=IdEmbedding(N, D, dropout_p=0.0, init_std=0.0) if ids else None,
+            content_encoder=ContentEncoder([4, 4], 10, D, dropout=0.0),
+            id_residual=True,
+        )
+        t.attach_features(features())
+        return t.eval()
+
+    with_ids, without = build(True), build(False)
+    without.load_state_dict({k: v for k, v in with_ids.state_dict().items() if not k.startswith("id_encoder.")})
+    idx = torch.arange(1, N + 1)
+    assert torch.allclose(with_ids(idx), without(idx))  # zero ID rows: the no-ID tower exactly
+    assert with_ids.fusion.mlp[0].in_features == D  # the ID part is not an input of the fusion
+    with_ids.train()
+    with_ids(idx).sum().backward()
+    grad = with_ids.id_encoder.embedding.weight.grad
+    warm = ~features().is_cold
+    assert grad[warm].abs().sum(dim=1).gt(0).all() and not grad[~warm].any()  # cold rows never move

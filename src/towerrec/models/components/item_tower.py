@@ -34,6 +34,10 @@ class ItemTower(nn.Module):
         content_encoder: categorical and text features.
         sketch: an optional untrained content-similarity channel appended to the learned
             embedding; the item vector is then ``[learned, sketch] / SKETCH_NORM``, still unit norm.
+        id_residual: add the ID part to the fused image and content parts (``fusion(image, content) +
+            id``) instead of fusing it with them. With the ID rows initialised at 0 the tower starts as
+            its no-ID ablation and the IDs learn only what image and content miss; a dropped or cold
+            ID adds the learned "unknown" vector.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class ItemTower(nn.Module):
         image_encoder: _ImageEncoder | None = None,
         content_encoder: ContentEncoder | None = None,
         sketch: ContentSketch | None = None,
+        id_residual: bool = False,
     ) -> None:
         super().__init__()
         self.id_encoder = id_encoder
@@ -52,6 +57,8 @@ class ItemTower(nn.Module):
         n_inputs = sum(m is not None for m in (id_encoder, image_encoder, content_encoder))
         if n_inputs == 0:
             raise ValueError("ItemTower needs at least one of id_encoder, image_encoder, content_encoder")
+        self.id_residual = bool(id_residual and id_encoder is not None and n_inputs > 1)
+        n_inputs -= self.id_residual  # a residual ID part is added after the fusion, not fused
         self.fusion = fusion(in_dim=dim, n_inputs=n_inputs, out_dim=dim)
         self.no_image = nn.Parameter(torch.zeros(dim)) if image_encoder is not None else None
         self.dim = dim
@@ -119,7 +126,10 @@ class ItemTower(nn.Module):
         sketch = self.sketch(flat) if self.sketch is not None else None
         views = []
         for v in range(len(drop_ids)):
-            out = F.normalize(self.fusion([ids[v], *shared] if ids else shared), dim=-1)  # (B*, D)
+            if self.id_residual:
+                out = F.normalize(self.fusion(shared) + ids[v], dim=-1)  # (B*, D)
+            else:
+                out = F.normalize(self.fusion([ids[v], *shared] if ids else shared), dim=-1)
             if sketch is not None:
                 out = torch.cat([out, sketch], dim=-1) / SKETCH_NORM
             views.append(out.reshape(*shape, self.out_dim))
