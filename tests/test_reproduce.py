@@ -219,3 +219,23 @@ def test_pooled_intervals_average_each_user_over_seeds_first():
     lo, hi = out["cold_items"]["recall@20"]
     assert lo == 0.0 and hi == 0.5
     assert "ndcg@20" not in out["all"]  # only the columns the runs wrote
+
+
+@pytest.mark.parametrize("preset", ["synthetic", "hm", "hm_30d"])
+def test_every_preset_composes_its_ablations_on_one_data_config(preset, tmp_path):
+    """Each preset's runs compose (no typo in a variant) and differ from the first only where they ablate."""
+    from towerrec.data.settings import config_hash
+    from towerrec.reproduce import compose_runs
+
+    cfg = compose_cfg("reproduce", [f"preset={preset}", "seeds=[0]"], tmp_path / "out")
+    runs = {name: run for name, _, run in compose_runs(cfg, tmp_path / "out", [10, 12, 20])}
+    assert len({config_hash(run.data) for run in runs.values()}) == 1
+    parts = ("id_encoder", "image_encoder", "content_encoder", "sketch")
+    kept = {name: {p for p in parts if run.model.item_tower.get(p) is not None} for name, run in runs.items()}
+    fused = next(iter(runs))
+    for name, run in runs.items():
+        if name.endswith("_no_text"):
+            assert kept[name] == kept[fused] and run.model.item_tower.content_encoder.text_buckets == 0
+        for part, suffix in (("image_encoder", "_no_image"), ("sketch", "_no_sketch"), ("id_encoder", "_no_id"), ("content_encoder", "_no_content")):
+            if name.endswith(suffix):
+                assert kept[name] == kept[fused] - {part}
