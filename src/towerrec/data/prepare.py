@@ -25,6 +25,7 @@ for the lock and then use what it built.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -36,20 +37,33 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import filelock
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
+from towerrec.data import engine
 from towerrec.data.image_cache import build_image_cache
 from towerrec.data.manifest import MANIFEST, read_manifest, verify_processed
 from towerrec.data.schema import DataError, RawDataset
-from towerrec.data.settings import PREPARE_VERSION, PrepareSettings, SplitSettings, config_hash, rolling_cuts
+from towerrec.data.settings import (
+    PREPARE_VERSION,
+    PrepareSettings,
+    SplitSettings,
+    TimeSettings,
+    config_hash,
+    rolling_cuts,
+)
 from towerrec.fileio import atomic_folder, folder_files, tree_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # split codes 0, 1, 2
+TIMESTAMP_AFTER_CLOCK = "timestamp_after_clock"
+TIMESTAMP_ISOLATED_TAIL = "timestamp_isolated_tail"
 _TOKEN = re.compile(r"[a-z0-9]+")
 
 __all__ = [
@@ -103,29 +117,94 @@ def _acquire(lock: filelock.FileLock, out: Path) -> None:
 def _remove_leftovers(out: Path) -> None:
     """Remove temporary folders that killed builds left beside ``out`` (only the lock holder builds)."""
     for stale in out.parent.glob(f".{out.name}.*-*"):
-        if stale.is_dir() and (".tmp-" in stale.name or ".old-" in stale.name):
+        if stale.is_dir() and any(k in stale.name for k in (".tmp-", ".old-", ".spill-")):
             log.info("removing %s, left by an interrupted prepare", stale)
             shutil.rmtree(stale, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- splitting
-def apply_filters(inter: pd.DataFrame, min_user: int, min_item: int, kcore: bool) -> tuple[pd.DataFrame, int]:
+# ----------------------------------------------------------------------------- the engine's steps
+# Each step reads an engine table of canonical interactions (see towerrec.data.engine) and writes a new
+# one, so nothing that grows with the interactions is held by pandas.
+def time_outliers(
+    con: duckdb.DuckDBPyConnection, table: str, time: TimeSettings, now_ns: int, name: str
+) -> tuple[str, dict[str, Any]]:
+    """Drop rows dated after ``now_ns`` (the run's clock) and an isolated tail far after the rest.
+
+    The tail is the rows after the widest-reaching gap of more than ``time.max_gap_days`` days with no
+    interaction, provided they are at most ``time.max_tail_share`` of the rows: a few rows dated years
+    after the rest would otherwise define the test window and leave validation empty.
+
+    Returns:
+        the table without them, and ``{reason: rows}`` for the skip counts (both reasons always present).
+    """
+    if time.outliers not in ("skip", "error"):
+        raise DataError(f"data.time.outliers: expected 'skip' or 'error', got {time.outliers!r}")
+    total = engine.count(con, table)
+    days = con.execute(
+        f"SELECT {engine.day_sql()} AS day, count(*) AS n FROM {table} WHERE ts <= ? GROUP BY day ORDER BY day",
+        [now_ns],
+    ).fetchnumpy()
+    future = total - int(days["n"].sum())
+    cut = now_ns + 1  # rows at or after `cut` go
+    tail = 0
+    if len(days["day"]) > 1:
+        gaps = np.flatnonzero(np.diff(days["day"]) > time.max_gap_days)
+        after = total - future - np.cumsum(days["n"])[gaps]  # rows after each gap
+        ok = gaps[after <= time.max_tail_share * total]
+        if len(ok):
+            first = int(ok[0]) + 1  # the earliest such gap drops the most
+            cut = int(days["day"][first]) * engine.NS_PER_DAY
+            tail = total - future - int(np.cumsum(days["n"])[first - 1])
+    counts = {TIMESTAMP_AFTER_CLOCK: future, TIMESTAMP_ISOLATED_TAIL: tail}
+    if not future and not tail:
+        return table, counts
+    example = con.execute(
+        f"SELECT user_id, item_id, ts, row FROM {table} WHERE ts >= ? ORDER BY ts DESC, row LIMIT 1",
+        [min(cut, now_ns + 1)],
+    ).fetchall()[0]
+    when = pd.Timestamp(example[2])
+    detail = (
+        f"{future} row(s) dated after this run's clock and {tail} isolated row(s) after a gap of more than "
+        f"{time.max_gap_days} days (latest: row {example[3] + 1}, user {example[0]!r}, item {example[1]!r}, {when})"
+    )
+    if time.outliers == "error":
+        raise DataError(
+            f"{name}: implausible timestamps: {detail}; fix the source or set data.time.outliers=skip"
+        )
+    log.warning("%s: skipped %s", name, detail)
+    out = _next(table)
+    con.execute(
+        f"CREATE TABLE {out} AS SELECT * FROM {table} WHERE ts < ? ORDER BY row", [min(cut, now_ns + 1)]
+    )
+    return out, counts
+
+
+def apply_filters(
+    con: duckdb.DuckDBPyConnection, table: str, min_user: int, min_item: int, kcore: bool
+) -> tuple[str, int]:
     """Drop users/items with too few interactions (once, or iterated to a k-core)."""
-    before = len(inter)
+    before = engine.count(con, table)
+    n = before
     while min_user > 0 or min_item > 0:
-        keep = np.ones(len(inter), dtype=bool)
-        if min_user > 0:
-            keep &= inter.groupby("user_id")["item_id"].transform("size").to_numpy() >= min_user
-        if min_item > 0:
-            keep &= inter.groupby("item_id")["user_id"].transform("size").to_numpy() >= min_item
-        inter = inter[keep]
-        if keep.all() or not kcore:
+        out = _next(table)
+        con.execute(
+            f"""CREATE TABLE {out} AS SELECT * FROM {table}
+            WHERE user_id IN (SELECT user_id FROM {table} GROUP BY user_id HAVING count(*) >= {int(min_user)})
+              AND item_id IN (SELECT item_id FROM {table} GROUP BY item_id HAVING count(*) >= {int(min_item)})
+            ORDER BY row"""
+        )
+        kept = engine.count(con, out)
+        table = out
+        if kept == n or not kcore:
             break
-    return inter, before - len(inter)
+        n = kept
+    return table, before - engine.count(con, table)
 
 
-def assign_split(inter: pd.DataFrame, split: SplitSettings) -> tuple[np.ndarray, dict[str, Any]]:
-    """Label each interaction train/val/test. ``inter`` (``user_idx``, ``timestamp``) must be sorted by user, then time.
+def split_labels_sql(
+    con: duckdb.DuckDBPyConnection, table: str, split: SplitSettings
+) -> tuple[str, dict[str, Any]]:
+    """The SQL expression of the split code (0 train, 1 val, 2 test) over ``table`` (``user_idx``, ``ts``, ``row``).
 
     * ``temporal``: global cut dates. ``test_start = last day - test_days`` and
       ``val_start = test_start - val_days`` (or given explicitly). Train is strictly before
@@ -134,31 +213,40 @@ def assign_split(inter: pd.DataFrame, split: SplitSettings) -> tuple[np.ndarray,
       users with fewer than 3 interactions stay in training only.
     """
     method = split.method
-    labels = np.zeros(len(inter), dtype=np.int8)
     info: dict[str, Any] = {"method": method}
     if method == "temporal":
-        ts = inter["timestamp"]
-        last_day = ts.max().normalize()
+        last_day = pd.Timestamp(engine.scalar(con, f"SELECT max(ts) FROM {table}")).normalize()
         test_start = pd.Timestamp(split.test_start or last_day - pd.Timedelta(days=split.test_days))
         val_start = pd.Timestamp(split.val_start or test_start - pd.Timedelta(days=split.val_days))
-        labels[(ts >= val_start).to_numpy()] = 1
-        labels[(ts >= test_start).to_numpy()] = 2
-        info.update(val_start=str(val_start.date()), test_start=str(test_start.date()),
-                    test_days=split.test_days, val_days=split.val_days)
-    elif method == "leave_one_out":
-        user = inter["user_idx"].to_numpy()
-        size = inter.groupby("user_idx", sort=False)["user_idx"].transform("size").to_numpy()
-        from_end = size - 1 - inter.groupby("user_idx", sort=False).cumcount().to_numpy()
-        eligible = size >= 3
-        labels[eligible & (from_end == 0)] = 2
-        labels[eligible & (from_end == 1)] = 1
-        info["users_too_short"] = int(pd.Series(size < 3).groupby(user).first().sum())
-    else:
-        raise DataError(f"data.split.method: unknown split method '{method}' (temporal | leave_one_out)")
-    return labels, info
+        info.update(
+            val_start=str(val_start.date()),
+            test_start=str(test_start.date()),
+            test_days=split.test_days,
+            val_days=split.val_days,
+        )
+        return (
+            f"CASE WHEN ts >= {test_start.value} THEN 2 WHEN ts >= {val_start.value} THEN 1 ELSE 0 END",
+            info,
+        )
+    if method == "leave_one_out":
+        info["users_too_short"] = int(
+            engine.scalar(
+                con,
+                f"SELECT count(*) FROM (SELECT user_idx FROM {table} GROUP BY user_idx HAVING count(*) < 3)",
+            )
+        )
+        from_end = "row_number() OVER (PARTITION BY user_idx ORDER BY ts DESC, row DESC) - 1"
+        size = "count(*) OVER (PARTITION BY user_idx)"
+        return (
+            f"CASE WHEN {size} < 3 THEN 0 WHEN {from_end} = 0 THEN 2 WHEN {from_end} = 1 THEN 1 ELSE 0 END",
+            info,
+        )
+    raise DataError(f"data.split.method: unknown split method '{method}' (temporal | leave_one_out)")
 
 
-def fold_split(settings: PrepareSettings, interactions: pd.DataFrame) -> tuple[SplitSettings, dict[str, Any]]:
+def fold_split(
+    settings: PrepareSettings, con: duckdb.DuckDBPyConnection, table: str
+) -> tuple[SplitSettings, dict[str, Any]]:
     """The split one processed folder is built with, and what the manifest records of its fold.
 
     A ``temporal`` or ``leave_one_out`` split is returned as it is (and ``{}``). A ``rolling`` split's
@@ -175,12 +263,12 @@ def fold_split(settings: PrepareSettings, interactions: pd.DataFrame) -> tuple[S
             "towerrec-eval and towerrec-reproduce run every fold (towerrec.backtest)"
         )
     f = settings.filter
-    full, _ = apply_filters(interactions, f.min_user_interactions, f.min_item_interactions, f.kcore)
-    if len(full) == 0:
+    full, _ = apply_filters(con, table, f.min_user_interactions, f.min_item_interactions, f.kcore)
+    if engine.count(con, full) == 0:
         raise DataError(f"{settings.root}: no interactions left after validation and filtering")
-    last_day = pd.Timestamp(full["timestamp"].max()).normalize()
+    last_day = pd.Timestamp(engine.scalar(con, f"SELECT max(ts) FROM {full}")).normalize()
     cuts = rolling_cuts(split, last_day)[split.fold]
-    if not (full["timestamp"] < cuts["val_start"]).any():
+    if not engine.scalar(con, f"SELECT count(*) FROM {full} WHERE ts < ?", [cuts["val_start"].value]):
         raise DataError(
             f"data.split.folds: fold {split.fold} of {split.folds} has no training interactions before its validation "
             f"window (from {cuts['val_start'].date()}): use fewer folds or shorter windows"
@@ -194,20 +282,35 @@ def fold_split(settings: PrepareSettings, interactions: pd.DataFrame) -> tuple[S
         val_start=str(cuts["val_start"].date()),
         test_end=None if cuts["test_end"] is None else str(cuts["test_end"].date()),
     )
-    info = {"fold": split.fold, "folds": split.folds, "window_days": split.window, "last_day": str(last_day.date())}
+    info = {
+        "fold": split.fold,
+        "folds": split.folds,
+        "window_days": split.window,
+        "last_day": str(last_day.date()),
+    }
     return temporal, info
 
 
-def drop_after_end(interactions: pd.DataFrame, split: SplitSettings) -> tuple[pd.DataFrame, int]:
+def drop_after_end(con: duckdb.DuckDBPyConnection, table: str, split: SplitSettings) -> tuple[str, int]:
     """The interactions before ``split.test_end`` (all without one) and how many were dropped.
 
     The rows are dropped before filtering, id mapping and every count, so nothing after a fold's test
     window reaches its processed folder: not training, histories, seen items nor popularity.
     """
     if split.test_end is None:
-        return interactions, 0
-    keep = (interactions["timestamp"] < pd.Timestamp(split.test_end)).to_numpy()
-    return interactions[keep], int((~keep).sum())
+        return table, 0
+    out = _next(table)
+    con.execute(
+        f"CREATE TABLE {out} AS SELECT * FROM {table} WHERE ts < ? ORDER BY row",
+        [pd.Timestamp(split.test_end).value],
+    )
+    return out, engine.count(con, table) - engine.count(con, out)
+
+
+def _next(table: str) -> str:
+    """A new table name after ``table`` (``inter`` -> ``inter_1`` -> ``inter_2``)."""
+    base, _, n = table.rpartition("_")
+    return f"{base}_{int(n) + 1}" if n.isdigit() and base else f"{table}_1"
 
 
 # ----------------------------------------------------------------------------- features
@@ -235,7 +338,7 @@ def encode_categoricals(items: pd.DataFrame, fields: list[str]) -> tuple[np.ndar
 
 
 def customer_segments(
-    train: pd.DataFrame, n_users: int, train_end: pd.Timestamp, new_days: int, active_days: int
+    activity: pd.DataFrame, n_users: int, train_end: pd.Timestamp, new_days: int, active_days: int
 ) -> pd.DataFrame:
     """RFM quantile scores (1 = low .. 3 = high) and lifecycle stage from training data only.
 
@@ -244,20 +347,17 @@ def customer_segments(
     quantity, or the purchase count without prices). Lifecycle: ``new`` (first purchase within
     ``new_days`` of the end of training), ``active`` (last purchase within ``active_days``),
     ``lapsing`` (older), ``no_history`` (no training purchase).
+
+    Args:
+        activity: :func:`user_activity`, one row per user with a training purchase (``first``,
+            ``last``, ``frequency``, ``monetary``), indexed by ``user_idx`` in increasing order.
     """
     idx = np.arange(1, n_users + 1)
     seg = pd.DataFrame(index=pd.Index(idx, name="user_idx"))
-    if len(train) == 0:
+    if len(activity) == 0:
         seg["lifecycle"] = "no_history"
         return seg.reset_index()
-    spend = train["price"] * train.get("quantity", 1) if "price" in train else pd.Series(1.0, index=train.index)
-    g = train.assign(_spend=spend, _day=train["timestamp"].dt.normalize()).groupby("user_idx")
-    agg = pd.DataFrame({
-        "first": g["timestamp"].min(),
-        "last": g["timestamp"].max(),
-        "frequency": g["_day"].nunique(),
-        "monetary": g["_spend"].sum(),
-    })
+    agg = activity[["first", "last", "frequency", "monetary"]].copy()
     agg["recency_days"] = (train_end - agg["last"]).dt.total_seconds() / 86400.0
 
     def q3(x: pd.Series, ascending: bool) -> pd.Series:
@@ -276,7 +376,9 @@ def customer_segments(
     for c in ("rfm_r", "rfm_f", "rfm_m"):
         seg[c] = seg[c].fillna(0).astype(int)  # 0 = no training history
     seg["rfm_segment"] = np.where(
-        seg["rfm_r"] > 0, "R" + seg["rfm_r"].astype(str) + "F" + seg["rfm_f"].astype(str) + "M" + seg["rfm_m"].astype(str), "none"
+        seg["rfm_r"] > 0,
+        "R" + seg["rfm_r"].astype(str) + "F" + seg["rfm_f"].astype(str) + "M" + seg["rfm_m"].astype(str),
+        "none",
     )
     return seg.reset_index()
 
@@ -325,67 +427,108 @@ def ensure_prepared(data: PrepareSettings | DictConfig, workers: int = 2) -> Pat
 def _build(settings: PrepareSettings, workers: int) -> None:
     """Build the processed folder in a temporary folder of this process and rename it into place."""
     t0 = time.perf_counter()
-    inputs = tree_fingerprint(settings.root)
-    raw: RawDataset = settings.load()
-    split, fold_info = fold_split(settings, raw.interactions)
-    rows, n_dropped = drop_after_end(raw.interactions, split)
-    inter, n_filtered = apply_filters(
-        rows,
-        settings.filter.min_user_interactions,
-        settings.filter.min_item_interactions,
-        settings.filter.kcore,
-    )
-    if len(inter) == 0:
-        raise DataError(f"{settings.root}: no interactions left after validation and filtering")
-    items, images = _catalog(raw, inter)
-    table, user_map = _interaction_table(inter, items)
-    labels, split_info = assign_split(table, split)
-    if split.test_end is not None:
-        split_info.update(test_end=split.test_end, dropped_after_end=n_dropped)
-    if fold_info:
-        split_info["rolling"] = fold_info
-        for name, code in (("val", 1), ("test", 2)):
-            if not (labels == code).any():
-                raise DataError(
-                    f"data.split.folds: fold {fold_info['fold']} of {fold_info['folds']} has no {name} interactions "
-                    f"({name} window from {split_info[name + '_start']}): use fewer folds or longer windows"
-                )
-    table["split"] = pd.Categorical.from_codes(labels, categories=list(SPLITS))
+    now_ns = time.time_ns()
     out = settings.processed_dir
-    with atomic_folder(out) as tmp:
-        table.to_parquet(tmp / "interactions.parquet", index=False)
-        train = table[table["split"] == "train"]
-        features = _item_files(tmp, items, train, raw, images, settings, workers)
-        users = _users_table(raw, user_map, train, split_info, settings)
-        users.to_parquet(tmp / "users.parquet", index=False)
-        manifest = {
-            "towerrec_prepare_version": PREPARE_VERSION,
-            "name": settings.name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "build": {"id": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname()},
-            "config_hash": settings.config_hash,
-            "config": settings.config,
-            "inputs": inputs,
-            "sources": raw.sources,
-            "counts": _counts(table, items, users),
-            "split": split_info,
-            "skipped": dict(raw.skipped),
-            "repaired": dict(raw.repaired),
-            "filtered": {"min_interactions": int(n_filtered)},
-            **features,
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        manifest["files"] = folder_files(tmp)  # last: it lists every file written above
-        write_json(tmp / MANIFEST, manifest)
+    with engine.connect(settings.engine, engine.scratch_folder(out, settings.engine)) as con:
+        raw = _load(settings, con)
+        inputs = tree_fingerprint(settings.root)  # after the source ran: a generator may write its raw files
+        table = _interactions_table(con, raw)
+        table, outliers = time_outliers(con, table, settings.time, now_ns, _interactions_name(raw))
+        raw.skipped.update(outliers)
+        split, fold_info = fold_split(settings, con, table)
+        table, n_dropped = drop_after_end(con, table, split)
+        f = settings.filter
+        table, n_filtered = apply_filters(
+            con, table, f.min_user_interactions, f.min_item_interactions, f.kcore
+        )
+        if engine.count(con, table) == 0:
+            raise DataError(f"{settings.root}: no interactions left after validation and filtering")
+        items, images = _catalog(raw, con, table)
+        user_map = _map_ids(con, table, items)
+        split_sql, split_info = split_labels_sql(con, "mapped", split)
+        con.execute(f"CREATE TABLE labelled AS SELECT *, ({split_sql})::TINYINT AS split FROM mapped")
+        if split.test_end is not None:
+            split_info.update(test_end=split.test_end, dropped_after_end=n_dropped)
+        split_counts = dict(con.execute("SELECT split, count(*) FROM labelled GROUP BY split").fetchall())
+        if fold_info:
+            split_info["rolling"] = fold_info
+            for name, code in (("val", 1), ("test", 2)):
+                if not split_counts.get(code):
+                    raise DataError(
+                        f"data.split.folds: fold {fold_info['fold']} of {fold_info['folds']} has no {name} interactions "
+                        f"({name} window from {split_info[name + '_start']}): use fewer folds or longer windows"
+                    )
+        with atomic_folder(out) as tmp:
+            _write_interactions(con, tmp / "interactions.parquet")
+            features = _item_files(tmp, items, con, raw, images, settings, workers)
+            users = _users_table(raw, user_map, con, split_info, settings)
+            users.to_parquet(tmp / "users.parquet", index=False)
+            manifest = {
+                "towerrec_prepare_version": PREPARE_VERSION,
+                "name": settings.name,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "build": {"id": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname()},
+                "config_hash": settings.config_hash,
+                "config": settings.config,
+                "inputs": inputs,
+                "sources": raw.sources,
+                "counts": _counts(con, split_counts, items, users),
+                "split": split_info,
+                "skipped": dict(raw.skipped),
+                "repaired": dict(raw.repaired),
+                "filtered": {"min_interactions": int(n_filtered)},
+                **features,
+                "engine": {"duckdb": duckdb.__version__, "memory_limit": settings.engine.memory_limit},
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            manifest["files"] = folder_files(tmp)  # last: it lists every file written above
+            write_json(tmp / MANIFEST, manifest)
     log.info("prepared %s in %.1f s: %s", out, manifest["seconds"], manifest["counts"])
 
 
-def _catalog(raw: RawDataset, inter: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray | None]:
+def _load(settings: PrepareSettings, con: duckdb.DuckDBPyConnection) -> RawDataset:
+    """Call the source; one that takes ``con`` gets the engine (and may return an engine table)."""
+    load = settings.load
+    target = getattr(load, "func", load)
+    try:
+        takes_con = "con" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        takes_con = False
+    return load(con=con) if takes_con else load()
+
+
+def _interactions_name(raw: RawDataset) -> str:
+    """The interactions input's file name, for messages."""
+    for path in raw.sources:
+        if Path(path).suffix in (".csv", ".tsv", ".parquet", ".pq", ".dat", ".data", ".txt"):
+            return Path(path).name
+    return "interactions"
+
+
+def _interactions_table(con: duckdb.DuckDBPyConnection, raw: RawDataset) -> str:
+    """The source's interactions as the engine table ``inter`` (a pandas frame is copied in once)."""
+    if isinstance(raw.interactions, str):
+        if raw.interactions != "inter":
+            con.execute(f"CREATE TABLE inter AS SELECT * FROM {raw.interactions} ORDER BY row")
+        return "inter"
+    engine.frame_to_table(con, raw.interactions, "inter")
+    raw.interactions = "inter"  # the frame is not needed again: let it go
+    return "inter"
+
+
+def _catalog(
+    raw: RawDataset, con: duckdb.DuckDBPyConnection, table: str
+) -> tuple[pd.DataFrame, np.ndarray | None]:
     """The item table in sorted raw-id order with ``item_idx`` from 1, and the images in that order."""
     items = raw.items.reset_index(drop=True)
-    missing = ~inter["item_id"].isin(items["item_id"])
-    if missing.any():  # sources add interacted items to the catalog; this guards custom ones
-        extra = pd.DataFrame({"item_id": inter.loc[missing, "item_id"].unique()})
+    con.register("_catalog_ids", pd.DataFrame({"item_id": items["item_id"].astype(str)}))
+    try:
+        extra = con.execute(
+            f"SELECT DISTINCT item_id FROM {table} WHERE item_id NOT IN (SELECT item_id FROM _catalog_ids) ORDER BY item_id"
+        ).df()
+    finally:
+        con.unregister("_catalog_ids")
+    if len(extra):  # sources add interacted items to the catalog; this guards custom ones
         items = pd.concat([items, extra], ignore_index=True)
     item_order = np.argsort(items["item_id"].to_numpy(dtype=str), kind="stable")
     items = items.iloc[item_order].reset_index(drop=True)
@@ -394,28 +537,71 @@ def _catalog(raw: RawDataset, inter: pd.DataFrame) -> tuple[pd.DataFrame, np.nda
     return items, images
 
 
-def _interaction_table(inter: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
-    """Interactions as integer ids, sorted by user then time, and the user id -> ``user_idx`` map."""
-    # Map strings to integers once per distinct id (factorize), not once per row.
-    ucode, user_ids = pd.factorize(inter["user_id"], sort=True)
-    user_idx = ucode.astype(np.int64) + 1
-    icode, item_uniq = pd.factorize(inter["item_id"])
-    item_idx = pd.Index(items["item_id"]).get_indexer(item_uniq)[icode].astype(np.int64) + 1
-    user_map = pd.Series(np.arange(1, len(user_ids) + 1), index=np.asarray(user_ids, dtype=object))
-    ts = inter["timestamp"].to_numpy()
-    # lexsort is stable: equal timestamps keep the source row order.
-    order = np.lexsort((ts.view("i8"), user_idx))
-    table = pd.DataFrame({"user_idx": user_idx[order], "item_idx": item_idx[order], "timestamp": ts[order]})
-    for c in ("price", "quantity", "channel"):
-        if c in inter:
-            table[c] = inter[c].to_numpy()[order]
-    return table, user_map
+def _map_ids(con: duckdb.DuckDBPyConnection, table: str, items: pd.DataFrame) -> pd.Series:
+    """Create the engine table ``mapped`` (integer ids) and return the user id -> ``user_idx`` map.
+
+    Users are numbered from 1 in sorted id order (byte order of UTF-8, which is code point order, as
+    Python sorts strings); items take ``item_idx`` from the catalog.
+    """
+    con.execute(
+        f"CREATE TABLE user_map AS SELECT user_id, row_number() OVER (ORDER BY user_id) AS user_idx "
+        f"FROM (SELECT DISTINCT user_id FROM {table})"
+    )
+    con.register("_item_map", items[["item_id", "item_idx"]].astype({"item_id": str}))
+    try:
+        con.execute("CREATE TABLE item_map AS SELECT item_id, item_idx::BIGINT AS item_idx FROM _item_map")
+    finally:
+        con.unregister("_item_map")
+    extra = [c for c in engine.OPTIONAL if c in engine.columns(con, table)]
+    cols = "".join(f", t.{c}" for c in extra)
+    con.execute(
+        f"CREATE TABLE mapped AS SELECT u.user_idx::BIGINT AS user_idx, m.item_idx, t.ts{cols}, t.row "
+        f"FROM {table} t JOIN user_map u USING (user_id) JOIN item_map m USING (item_id)"
+    )
+    users = con.execute("SELECT user_id, user_idx FROM user_map ORDER BY user_idx").df()
+    return pd.Series(
+        users["user_idx"].to_numpy(dtype=np.int64), index=users["user_id"].to_numpy(dtype=object)
+    )
+
+
+def _write_interactions(con: duckdb.DuckDBPyConnection, path: Path, batch_rows: int = 1 << 20) -> None:
+    """Stream ``labelled`` sorted by user, then time, then source row into ``interactions.parquet``.
+
+    The sort spills to disk inside DuckDB; the file is written a batch at a time with the column
+    types pandas wrote before (int64 ids, ``timestamp[ns]``, ``split`` a train/val/test dictionary).
+    """
+    extra = [c for c in engine.OPTIONAL if c in engine.columns(con, "labelled")]
+    names = ["user_idx", "item_idx", "timestamp", *extra, "split"]
+    select = ", ".join(["user_idx", "item_idx", "ts", *extra, "split"])
+    reader = con.sql(f"SELECT {select} FROM labelled ORDER BY user_idx, ts, row").to_arrow_reader(batch_rows)
+    labels = pa.array(list(SPLITS), type=pa.string())
+    writer = None
+    try:
+        for batch in reader:
+            cols = [batch.column(i) for i in range(batch.num_columns)]
+            cols[2] = cols[2].cast(pa.int64()).view(pa.timestamp("ns"))
+            cols[-1] = pa.DictionaryArray.from_arrays(cols[-1].cast(pa.int8()), labels)
+            out = pa.RecordBatch.from_arrays(cols, names=names)
+            if writer is None:
+                writer = pq.ParquetWriter(path, out.schema)
+            writer.write_batch(out)
+        if writer is None:  # no rows: still a file with the columns
+            empty = pa.RecordBatch.from_arrays(
+                [pa.array([], pa.int64()), pa.array([], pa.int64()), pa.array([], pa.timestamp("ns"))]
+                + [pa.array([]) for _ in extra]
+                + [pa.DictionaryArray.from_arrays(pa.array([], pa.int8()), labels)],
+                names=names,
+            )
+            writer = pq.ParquetWriter(path, empty.schema)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _item_files(
     tmp: Path,
     items: pd.DataFrame,
-    train: pd.DataFrame,
+    con: duckdb.DuckDBPyConnection,
     raw: RawDataset,
     images: np.ndarray | None,
     settings: PrepareSettings,
@@ -423,11 +609,16 @@ def _item_files(
 ) -> dict[str, Any]:
     """Write ``items.parquet`` (with training counts), the categorical, text and image arrays and the
     vocabularies; return the manifest's ``images`` and ``features`` entries."""
-    train_count = np.bincount(train["item_idx"].to_numpy(), minlength=len(items) + 1)[1:]
-    items["train_count"] = train_count
-    distinct = train.drop_duplicates(["user_idx", "item_idx"])["item_idx"].to_numpy()
-    items["train_users"] = np.bincount(distinct, minlength=len(items) + 1)[1:]
-    items["is_cold"] = train_count == 0
+    counts = con.execute(
+        "SELECT item_idx, count(*) AS n, count(DISTINCT user_idx) AS users FROM labelled WHERE split = 0 GROUP BY item_idx"
+    ).fetchnumpy()
+    train_count = np.zeros(len(items) + 1, dtype=np.int64)
+    train_users = np.zeros(len(items) + 1, dtype=np.int64)
+    train_count[counts["item_idx"]] = counts["n"]
+    train_users[counts["item_idx"]] = counts["users"]
+    items["train_count"] = train_count[1:]
+    items["train_users"] = train_users[1:]
+    items["is_cold"] = items["train_count"].to_numpy() == 0
 
     cats, vocab = encode_categoricals(items, raw.categorical)
     np.save(tmp / "item_categorical.npy", cats)
@@ -436,7 +627,9 @@ def _item_files(
     np.save(tmp / "item_text.npy", hash_tokens(text, settings.text.buckets, settings.text.max_tokens))
 
     paths = items["image_path"].tolist() if "image_path" in items else [None] * len(items)
-    has_image, image_counts = build_image_cache(paths, tmp / "images.npy", settings.image_size, workers, images)
+    has_image, image_counts = build_image_cache(
+        paths, tmp / "images.npy", settings.image_size, workers, images
+    )
     items["has_image"] = has_image[1:]
     items.to_parquet(tmp / "items.parquet", index=False)
     write_json(tmp / "vocab.json", vocab, indent=None)
@@ -450,33 +643,70 @@ def _item_files(
     }
 
 
+def user_activity(con: duckdb.DuckDBPyConnection, table: str = "labelled") -> pd.DataFrame:
+    """Per user with a training interaction: ``n_train``, first and last purchase, frequency, monetary.
+
+    Frequency is the number of distinct purchase days, monetary the summed spend (price x quantity, or
+    the purchase count without prices), indexed by ``user_idx`` in increasing order.
+    """
+    have = engine.columns(con, table)
+    if "price" in have:
+        spend = "price * quantity" if "quantity" in have else "price"
+    else:
+        spend = "1.0"
+    frame = con.execute(
+        f"""SELECT user_idx, count(*) AS n_train, min(ts) AS first, max(ts) AS last,
+               count(DISTINCT {engine.day_sql()}) AS frequency, fsum({spend}) AS monetary
+            FROM {table} WHERE split = 0 GROUP BY user_idx ORDER BY user_idx"""
+    ).df()
+    frame["first"] = frame["first"].astype("int64").astype("datetime64[ns]")
+    frame["last"] = frame["last"].astype("int64").astype("datetime64[ns]")
+    return frame.set_index("user_idx")
+
+
 def _users_table(
-    raw: RawDataset, user_map: pd.Series, train: pd.DataFrame, split_info: dict, settings: PrepareSettings
+    raw: RawDataset,
+    user_map: pd.Series,
+    con: duckdb.DuckDBPyConnection,
+    split_info: dict,
+    settings: PrepareSettings,
 ) -> pd.DataFrame:
     """One row per user: the source's attributes, the training count and the customer segments."""
     users = pd.DataFrame({"user_idx": user_map.to_numpy(), "user_id": user_map.index.to_numpy()})
     if len(raw.users) and "user_id" in raw.users:
         users = users.merge(raw.users.drop_duplicates("user_id"), on="user_id", how="left")
-    users["n_train"] = np.bincount(train["user_idx"].to_numpy(), minlength=len(users) + 1)[1:]
+    activity = user_activity(con)
+    n_train = np.zeros(len(users) + 1, dtype=np.int64)
+    n_train[activity.index.to_numpy()] = activity["n_train"].to_numpy()
+    users["n_train"] = n_train[1:]
     temporal = split_info["method"] == "temporal"
-    train_end = pd.Timestamp(split_info["val_start"]) if temporal else train["timestamp"].max()
-    segs = customer_segments(train, len(users), train_end, settings.segments.new_days, settings.segments.active_days)
+    train_end = pd.Timestamp(split_info["val_start"]) if temporal else activity["last"].max()
+    segs = customer_segments(
+        activity, len(users), train_end, settings.segments.new_days, settings.segments.active_days
+    )
     return users.merge(segs, on="user_idx", how="left")
 
 
-def _counts(table: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> dict[str, int]:
+def _counts(
+    con: duckdb.DuckDBPyConnection, split_counts: dict[int, int], items: pd.DataFrame, users: pd.DataFrame
+) -> dict[str, int]:
     """The manifest's counts: users, items, interactions per split, cold and image-less items."""
-    split_counts = table["split"].value_counts().reindex(list(SPLITS), fill_value=0)
-    is_cold = items["is_cold"].to_numpy()
-    cold_targets = {s: int(is_cold[table.loc[table["split"] == s, "item_idx"].to_numpy() - 1].sum()) for s in ("val", "test")}
+    cold = dict(
+        con.execute(
+            "SELECT split, count(*) FROM labelled JOIN (SELECT item_idx FROM labelled WHERE split = 0 GROUP BY item_idx) w "
+            "USING (item_idx) GROUP BY split"
+        ).fetchall()
+    )
+    interacted = int(engine.scalar(con, "SELECT count(DISTINCT item_idx) FROM labelled"))
+    per_split = {name: int(split_counts.get(code, 0)) for code, name in enumerate(SPLITS)}
     return {
         "users": len(users),
         "items": len(items),
-        "interactions": len(table),
-        **{s: int(split_counts[s]) for s in SPLITS},
-        "cold_items": int(is_cold.sum()),
-        "items_never_interacted": int((np.bincount(table["item_idx"], minlength=len(items) + 1)[1:] == 0).sum()),
+        "interactions": sum(per_split.values()),
+        **per_split,
+        "cold_items": int(items["is_cold"].sum()),
+        "items_never_interacted": len(items) - interacted,
         "items_with_image": int(items["has_image"].sum()),
-        "val_cold_interactions": cold_targets["val"],
-        "test_cold_interactions": cold_targets["test"],
+        "val_cold_interactions": per_split["val"] - int(cold.get(1, 0)),
+        "test_cold_interactions": per_split["test"] - int(cold.get(2, 0)),
     }

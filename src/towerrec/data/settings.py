@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from towerrec.data.engine import EngineSettings
 from towerrec.data.schema import DataError, RawDataset
 from towerrec.fileio import text_sha256
 
@@ -42,7 +43,8 @@ def config_hash(data_cfg: DictConfig | Mapping) -> str:
     Where the data lives (``root``, ``source.root``, ``processed_dir``) is left out, so two checkouts
     of one commit report the same hash; what the input files hold is fingerprinted separately (the
     manifest's ``inputs`` for staleness, its per-file sha256 under ``sources`` for reports).
-    Evaluation options (``eval``) do not change the processed tables and are left out too.
+    Evaluation options (``eval``) and the engine's resources (``engine``) do not change the processed
+    tables and are left out too.
     """
     if isinstance(data_cfg, DictConfig):
         cfg = OmegaConf.to_container(data_cfg, resolve=True)
@@ -56,6 +58,11 @@ def config_hash(data_cfg: DictConfig | Mapping) -> str:
         if source.get("_target_") in _HASHED_TARGET:
             source["_target_"] = _HASHED_TARGET[source["_target_"]]
     cfg.pop("eval", None)
+    cfg.pop("engine", None)  # resources: how fast the folder is built, not what it holds
+    if cfg.get("time") == _TIME_DEFAULTS:
+        # The outlier rule at its defaults changes nothing for data without outliers, the data every
+        # hash reported before it existed was prepared from: those hashes stay valid.
+        cfg.pop("time")
     return text_sha256(json.dumps({"v": PREPARE_VERSION, "cfg": cfg}, sort_keys=True, default=str))
 
 
@@ -160,6 +167,24 @@ class SegmentSettings:
 
 
 @dataclass(frozen=True)
+class TimeSettings:
+    """Timestamps outside the data's plausible range: they would otherwise define the split's windows.
+
+    Rows dated after the prepare run's clock, and an isolated tail (at most ``max_tail_share`` of the
+    rows, after a gap of more than ``max_gap_days`` days without any interaction), are skipped and
+    counted (``outliers: skip``, reasons ``timestamp_after_clock`` and ``timestamp_isolated_tail``), or
+    stop the run with a one-line error (``outliers: error``).
+    """
+
+    outliers: str = "skip"
+    max_gap_days: int = 365
+    max_tail_share: float = 0.01
+
+
+_TIME_DEFAULTS = dataclasses.asdict(TimeSettings())
+
+
+@dataclass(frozen=True)
 class PrepareSettings:
     """Everything :func:`~towerrec.data.prepare.prepare` needs. Build it with :meth:`from_config`.
 
@@ -167,7 +192,11 @@ class PrepareSettings:
         name: the dataset name, recorded in the manifest.
         processed_dir: the folder to build.
         root: the raw input folder, fingerprinted for staleness.
-        load: the configured source, called once per build; returns a :class:`RawDataset`.
+        load: the configured source, called once per build; returns a :class:`RawDataset`. A source
+            that takes a ``con`` argument gets the build's DuckDB connection and may return its
+            interactions as the name of an engine table (out of core).
+        engine: DuckDB's memory limit, threads and spill folder.
+        time: what happens to implausible timestamps.
         image_size: side of the square image cache, in pixels.
         config: the resolved data config, recorded in the manifest.
         config_hash: :func:`config_hash` of that config.
@@ -184,6 +213,8 @@ class PrepareSettings:
     image_size: int
     config: dict
     config_hash: str
+    engine: EngineSettings = EngineSettings()
+    time: TimeSettings = TimeSettings()
 
     @classmethod
     def from_config(cls, data_cfg: DictConfig) -> PrepareSettings:
@@ -208,6 +239,8 @@ class PrepareSettings:
             image_size=_convert(cfg.get("image_size"), int, "data.image_size"),
             config=cfg,
             config_hash=config_hash(cfg),
+            engine=_group(EngineSettings, cfg, "engine"),
+            time=_group(TimeSettings, cfg, "time"),
         )
 
 
@@ -225,7 +258,7 @@ def _group(cls: type, cfg: dict, name: str) -> Any:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise DataError(f"data.{name}.{unknown[0]}: unknown setting (known: {', '.join(known)})")
-    kinds = {"int": int, "bool": bool, "str": str, "int | None": int, "str | None": str}
+    kinds = {"int": int, "bool": bool, "str": str, "float": float, "int | None": int, "str | None": str}
     args = {k: _convert(v, kinds[known[k].type], f"data.{name}.{k}") for k, v in values.items()}
     return cls(**args)
 
@@ -242,4 +275,8 @@ def _convert(value: Any, kind: type, field: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
             raise DataError(f"{field}: expected an integer, got {value!r}")
         return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DataError(f"{field}: expected a number, got {value!r}")
+        return float(value)
     return str(value)
