@@ -77,6 +77,17 @@ def scratch_folder(processed_dir: Path, settings: EngineSettings) -> Path:
 
 def frame_to_table(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, table: str) -> None:
     """Load canonical interactions from pandas (``timestamp`` datetime64[ns]) as an engine table."""
+    append_frame(con, frame, table, first_row=0, create=True)
+
+
+def append_frame(
+    con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, table: str, first_row: int, create: bool
+) -> None:
+    """Add canonical interactions from pandas to an engine table, as source rows ``first_row`` on.
+
+    Args:
+        create: create (or replace) the table from this frame instead of appending to it.
+    """
     cols = {
         "user_id": frame["user_id"].astype(str).to_numpy(dtype=object),
         "item_id": frame["item_id"].astype(str).to_numpy(dtype=object),
@@ -85,11 +96,14 @@ def frame_to_table(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, table: s
     for c in OPTIONAL:
         if c in frame:
             cols[c] = frame[c].to_numpy()
-    cols["row"] = np.arange(len(frame), dtype=np.int64)
+    cols["row"] = np.arange(first_row, first_row + len(frame), dtype=np.int64)
     view = pd.DataFrame(cols)
     con.register("_frame", view)
     try:
-        con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _frame")
+        if create:
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _frame")
+        else:
+            con.execute(f"INSERT INTO {table} SELECT * FROM _frame")
     finally:
         con.unregister("_frame")
 

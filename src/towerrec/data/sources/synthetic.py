@@ -7,17 +7,23 @@ so a sequence encoder has transitions to learn, and the item within a category m
 user's taste, so an item tower that sees the image can beat one that sees only metadata. A fraction
 of items is released late and boosted, which gives a temporal split a real cold-item test set.
 
-Everything is vectorised over items, users and interactions: 10M interactions take well under a
-minute. The same arguments always give identical frames and byte-identical images.
+Everything is vectorised over items, users and interactions. Purchases are drawn for users in
+chunks of about :data:`CHUNK_INTERACTIONS`, each chunk from its own random stream, so memory stays
+bounded at any size; given the build's DuckDB connection (``con``) each chunk goes straight into the
+engine, and 100M purchases never sit in pandas at once. The chunks depend only on the arguments, so
+the same arguments always give identical interactions, with or without ``con``, and byte-identical
+images.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import duckdb
 import numpy as np
 import pandas as pd
 
+from towerrec.data.engine import append_frame
 from towerrec.data.schema import RawDataset
 
 # Complementary neighbours form pairs: after a "camera" a "camera bag" is likely, and back.
@@ -55,6 +61,9 @@ P_HOUSE_BRAND = 0.25  # a brand weakly hints at the colour (brand % 8 == colour)
 
 # Independent random streams, so the catalog and its images do not change with n_users.
 _CATALOG, _IMAGES, _USERS, _EVENTS = range(4)
+# Purchases per chunk of users (a chunk is at least one user). The default shop is one chunk, drawn
+# from the stream [seed, _EVENTS]; chunk c > 0 draws from [seed, _EVENTS, c].
+CHUNK_INTERACTIONS = 2_000_000
 
 
 @dataclass
@@ -77,12 +86,16 @@ class SyntheticTruth:
     complement: np.ndarray  # (n_categories,), the likely next category after each category
 
 
-def generate_synthetic(**params) -> RawDataset:
+def generate_synthetic(con: duckdb.DuckDBPyConnection | None = None, **params) -> RawDataset:
     """Generate the synthetic shop: interactions, catalog with in-memory images, and users.
 
     Takes the arguments of :func:`generate_synthetic_with_truth` (all optional), without its truth.
+
+    Args:
+        con: a preparing build's DuckDB connection: the interactions are written into its engine
+            table ``inter`` chunk by chunk, and the dataset's ``interactions`` is that table's name.
     """
-    return generate_synthetic_with_truth(**params)[0]
+    return generate_synthetic_with_truth(con=con, **params)[0]
 
 
 def generate_synthetic_with_truth(
@@ -95,6 +108,7 @@ def generate_synthetic_with_truth(
     days: int = 120,
     release_day: int = 100,
     seed: int = 0,
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> tuple[RawDataset, SyntheticTruth]:
     """The synthetic shop and the hidden attributes behind it.
 
@@ -105,8 +119,10 @@ def generate_synthetic_with_truth(
         days: length of the period that starts on 2024-01-01.
         release_day: day (0-based) the new items go on sale.
         seed: the same seed and arguments give identical output.
+        con: see :func:`generate_synthetic`.
     """
     params = dict(locals())  # the arguments, in signature order (recorded in the dataset's sources)
+    params.pop("con")
     _check_params(**params)
     complement = complement_map(n_categories)
     catalog = _draw_catalog(n_items, n_categories, cold_fraction, np.random.default_rng([seed, _CATALOG]))
@@ -114,11 +130,27 @@ def generate_synthetic_with_truth(
         catalog.shape, catalog.colour, catalog.pattern, image_size, np.random.default_rng([seed, _IMAGES])
     )
     users = _draw_users(n_users, n_categories, n_interactions, days, np.random.default_rng([seed, _USERS]))
-    user, item, seconds = _draw_purchases(
-        catalog, users, complement, days, release_day, np.random.default_rng([seed, _EVENTS])
+    user_ids = pd.Series(_ids("U", n_users), dtype="str")
+    item_ids = pd.Series(_ids("S", n_items), dtype="str")
+    chunks = []
+    row = 0
+    for c, (lo, hi) in enumerate(_user_chunks(users.lengths)):
+        rng = np.random.default_rng([seed, _EVENTS] if c == 0 else [seed, _EVENTS, c])
+        user, item, seconds = _draw_purchases(
+            catalog, users.slice(lo, hi), complement, days, release_day, rng
+        )
+        frame = _purchase_log(user + lo, item, seconds, user_ids, item_ids)
+        if con is None:
+            chunks.append(frame)
+        else:
+            append_frame(con, frame, "inter", first_row=row, create=c == 0)
+        row += len(frame)
+    interactions = (
+        "inter" if con is not None else pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0]
     )
     dataset = RawDataset(
-        **_frames(catalog, user, item, seconds, n_users, n_categories),
+        interactions=interactions,
+        **_catalog_frames(catalog, item_ids, user_ids, n_categories),
         categorical=["category", "brand"],
         text=["title"],
         images=images,
@@ -161,8 +193,28 @@ class _Users:
     signup: np.ndarray  # (n_users,) seconds from the start of the period
     lengths: np.ndarray  # (n_users,) purchases per user
 
+    def slice(self, lo: int, hi: int) -> _Users:
+        """Users ``lo`` to ``hi - 1``."""
+        return _Users(
+            *(a[lo:hi] for a in (self.categories, self.colours, self.pattern, self.signup, self.lengths))
+        )
 
-def _draw_catalog(n_items: int, n_categories: int, cold_fraction: float, rng: np.random.Generator) -> _Catalog:
+
+def _user_chunks(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive user ranges of about :data:`CHUNK_INTERACTIONS` purchases each (at least one user)."""
+    ends = np.cumsum(lengths)
+    bounds = [0]
+    while bounds[-1] < len(lengths):
+        lo = bounds[-1]
+        done = ends[lo - 1] if lo else 0
+        hi = int(np.searchsorted(ends, done + CHUNK_INTERACTIONS, side="right"))
+        bounds.append(max(hi, lo + 1))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _draw_catalog(
+    n_items: int, n_categories: int, cold_fraction: float, rng: np.random.Generator
+) -> _Catalog:
     """Categories, visual attributes, brands, the late-released items and their Zipf popularity."""
     n_new = min(round(cold_fraction * n_items), n_items - 1)
     category = rng.permutation(np.arange(n_items) % n_categories)
@@ -231,26 +283,32 @@ def _draw_purchases(
         rng.random(n_interactions) < P_PRIMARY_COLOUR, users.colours[user, 0], users.colours[user, 1]
     )
     n_categories = len(complement)
-    sampler = _ItemSampler(catalog.category, catalog.colour, catalog.pattern, catalog.is_new, catalog.weight, n_categories)
+    sampler = _ItemSampler(
+        catalog.category, catalog.colour, catalog.pattern, catalog.is_new, catalog.weight, n_categories
+    )
     item = sampler.sample(item_category, want_colour, users.pattern[user], matched, released, rng)
     return user, item, seconds
 
 
-def _frames(
-    catalog: _Catalog, user: np.ndarray, item: np.ndarray, seconds: np.ndarray, n_users: int, n_categories: int
-) -> dict[str, pd.DataFrame]:
-    """The purchase log in time order (ties keep user order), the catalog table and the users."""
+def _purchase_log(
+    user: np.ndarray, item: np.ndarray, seconds: np.ndarray, user_ids: pd.Series, item_ids: pd.Series
+) -> pd.DataFrame:
+    """One chunk's purchase log in time order (ties keep user order)."""
     order = np.argsort(seconds, kind="stable")
-    n_items = len(catalog.category)
-    user_ids = pd.Series(_ids("U", n_users), dtype="str")
-    item_ids = pd.Series(_ids("S", n_items), dtype="str")
-    interactions = pd.DataFrame(
+    return pd.DataFrame(
         {
             "user_id": user_ids.array.take(user[order]),
             "item_id": item_ids.array.take(item[order]),
             "timestamp": (START.astype(np.int64) + seconds[order] * 1_000_000_000).view("datetime64[ns]"),
         }
     )
+
+
+def _catalog_frames(
+    catalog: _Catalog, item_ids: pd.Series, user_ids: pd.Series, n_categories: int
+) -> dict[str, pd.DataFrame]:
+    """The catalog table and the users."""
+    n_items = len(catalog.category)
     names = category_names(n_categories)
     brands = pd.Series([f"brand {b:02d}" for b in range(N_BRANDS)], dtype="str")
     items = pd.DataFrame(
@@ -262,7 +320,7 @@ def _frames(
             "image_path": pd.Series([None] * n_items, dtype=object),
         }
     )
-    return {"interactions": interactions, "items": items, "users": pd.DataFrame({"user_id": user_ids})}
+    return {"items": items, "users": pd.DataFrame({"user_id": user_ids})}
 
 
 def category_names(n_categories: int) -> list[str]:
