@@ -1,13 +1,13 @@
-"""Benchmark ``towerrec-prepare``: H&M with images (rebuild and no-op) and a 10M-interaction synthetic shop.
+"""Benchmark ``towerrec-prepare``: H&M with images (rebuild and no-op) and the synthetic shop at 1M, 10M, 100M.
 
 Every prepare runs in a child process (this script with ``--child``), so its wall time includes what a
 user waits for and its peak RSS is that process's own (``os.wait4``), untouched by this process.
 The child composes the real ``prepare`` config with ``hydra.compose`` and calls
 :func:`towerrec.data.prepare.prepare` into a temporary processed folder (never ``data/processed``).
 
-    python scripts/bench_prepare.py                          # H&M x2 + traced run + no-op, then 10M synthetic
-    python scripts/bench_prepare.py --skip-10m --repeats 3
-    python scripts/bench_prepare.py --skip-hm --n-interactions 2000000
+    python scripts/bench_prepare.py                          # H&M x2 + traced run + no-op, then 1M/10M/100M
+    python scripts/bench_prepare.py --skip-scale --repeats 3
+    python scripts/bench_prepare.py --skip-hm --sizes 1M,10M --tmp-dir /big/disk
 
 A traced run times every line of ``prepare()`` and of the functions it calls for the split, the
 segments and the source (a ``sys.settrace`` hook on those code objects only), and records how much
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 RESULT_TAG = "BENCH_RESULT "
-RSS_TARGET_GB = 4.0
+RSS_TARGET_GB = 8.0
 
 
 # ----------------------------------------------------------------------------- child side
@@ -142,7 +142,7 @@ def child_main(spec: dict) -> None:
         tracer = LineTracer(
             [
                 prepare_mod.prepare,
-                prepare_mod.assign_split,
+                prepare_mod._build,
                 prepare_mod.customer_segments,
                 hm.load_hm,
                 synthetic.generate_synthetic_with_truth,
@@ -318,49 +318,64 @@ def bench_hm(args: argparse.Namespace, tmp: Path) -> None:
         print_lines(traced, args.top)
 
 
+# Users and items grow with the interactions, as a shop's do: (interactions, users, items, image px).
+SCALES = {
+    "1M": (1_000_000, 50_000, 5_000, 32),
+    "10M": (10_000_000, 500_000, 50_000, 32),
+    "100M": (100_000_000, 5_000_000, 200_000, 16),
+}
+
+
 def bench_synthetic(args: argparse.Namespace, tmp: Path) -> None:
-    out_dir = tmp / "synthetic_big"
-    n, u, i = args.n_interactions, args.n_users, args.n_items
-    overrides = [
-        "data=synthetic",
-        f"data.source.n_interactions={n}",
-        f"data.source.n_users={u}",
-        f"data.source.n_items={i}",
-        f"data.processed_dir={out_dir}",
-    ] + args.synthetic_overrides
-    print(f"\n## Synthetic prepare, {n:,} interactions / {u:,} users / {i:,} items (child process)\n")
-    print(f"load average before: {load()}")
-    res = run_child(
-        {"overrides": overrides, "force": True, "workers": args.workers, "trace": not args.no_trace}
-    )
-    ld = load()
-    peak_gb = res["peak_rss_mb"] / 1024
-    verdict = "PASS" if peak_gb < args.rss_target_gb else "FAIL"
-    sizes = {p.name: p.stat().st_size / 2**20 for p in out_dir.iterdir()} if out_dir.exists() else {}
+    """Prepare the synthetic shop at each size in ``--sizes``, one child process each; one table."""
+    print("\n## Synthetic prepare at scale (one child process per size; peak RSS is the child's own)\n")
+    print(f"DuckDB memory limit: {args.memory_limit}; load average before: {load()}\n")
+    rows = []
+    for size in args.sizes:
+        n, u, i, px = SCALES[size]
+        out_dir = tmp / f"synthetic_{size}"
+        overrides = [
+            "data=synthetic",
+            f"data.source.n_interactions={n}",
+            f"data.source.n_users={u}",
+            f"data.source.n_items={i}",
+            f"data.image_size={px}",
+            f"data.processed_dir={out_dir}",
+            f"data.engine.memory_limit={args.memory_limit}",
+        ] + args.synthetic_overrides
+        res = run_child({"overrides": overrides, "force": True, "workers": args.workers, "trace": False})
+        res["disk_mb"] = sum(p.stat().st_size for p in out_dir.iterdir()) / 2**20 if out_dir.exists() else 0
+        rows.append((size, n, u, i, px, res, load()))
+        shutil.rmtree(out_dir, ignore_errors=True)  # 100M rows take gigabytes
     print(
-        "| interactions | process wall s | prepare() s | manifest `seconds` | child CPU s | peak RSS GB | target | load avg after |"
+        "| interactions | users | items | image px | prepare s | child CPU s | peak RSS GB | "
+        "processed MB | load avg after |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
-    print(
-        f"| {n:,} | {res['wall_s']:.1f} | {res['prepare_s']:.1f} | {fmt(res.get('manifest_seconds'), 1)} | "
-        f"{res['cpu_s']:.1f} | {peak_gb:.2f} | < {args.rss_target_gb:g} GB: {verdict} | {ld} |"
-    )
-    if sizes:
-        print("\nprocessed files (MB): " + ", ".join(f"{k} {v:,.1f}" for k, v in sorted(sizes.items())))
-    print(
-        f"line-traced: {'no' if args.no_trace else 'yes'}; RSS of the child before prepare() {res['rss_before_mb']:.0f} MB"
-    )
-    if "lines" in res:
-        print_lines(res, args.top)
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for _size, n, u, i, px, res, ld in rows:
+        print(
+            f"| {n:,} | {u:,} | {i:,} | {px} | {res['wall_s']:.1f} | {res['cpu_s']:.1f} | "
+            f"{res['peak_rss_mb'] / 1024:.2f} | {res['disk_mb']:,.0f} | {ld} |"
+        )
+    by = {r[0]: r[5] for r in rows}
+    if "100M" in by:
+        peak = by["100M"]["peak_rss_mb"] / 1024
+        print(
+            f"\n100M peak RSS {peak:.2f} GB: {'PASS' if peak <= args.rss_target_gb else 'FAIL'} (<= {args.rss_target_gb:g} GB)"
+        )
+        if "10M" in by:
+            ratio = by["100M"]["peak_rss_mb"] / by["10M"]["peak_rss_mb"]
+            print(f"100M / 10M peak RSS: x{ratio:.2f}: {'PASS' if ratio <= 2 else 'FAIL'} (<= 2x)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-hm", action="store_true", help="skip the H&M runs")
-    p.add_argument("--skip-10m", action="store_true", help="skip the large synthetic run")
-    p.add_argument("--n-interactions", type=int, default=10_000_000)
-    p.add_argument("--n-users", type=int, default=500_000)
-    p.add_argument("--n-items", type=int, default=50_000)
+    p.add_argument("--skip-scale", action="store_true", help="skip the synthetic runs at scale")
+    p.add_argument(
+        "--sizes", type=lambda v: v.split(","), default=["1M", "10M", "100M"], help=f"of {', '.join(SCALES)}"
+    )
+    p.add_argument("--memory-limit", default="3GB", help="data.engine.memory_limit of the scale runs")
     p.add_argument("--repeats", type=int, default=2, help="H&M forced rebuilds")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (prepare.yaml: workers)")
     p.add_argument("--no-trace", action="store_true", help="skip the line-traced runs")
@@ -385,7 +400,7 @@ def main() -> None:
     try:
         if not args.skip_hm:
             bench_hm(args, tmp)
-        if not args.skip_10m:
+        if not args.skip_scale:
             bench_synthetic(args, tmp)
     finally:
         if args.keep:

@@ -185,6 +185,7 @@ def apply_filters(
     """Drop users/items with too few interactions (once, or iterated to a k-core)."""
     before = engine.count(con, table)
     n = before
+    start = table  # the caller's table stays; intermediate ones are dropped
     while min_user > 0 or min_item > 0:
         out = _next(table)
         con.execute(
@@ -194,6 +195,8 @@ def apply_filters(
             ORDER BY row"""
         )
         kept = engine.count(con, out)
+        if table != start:
+            con.execute(f"DROP TABLE {table}")
         table = out
         if kept == n or not kcore:
             break
@@ -268,7 +271,10 @@ def fold_split(
         raise DataError(f"{settings.root}: no interactions left after validation and filtering")
     last_day = pd.Timestamp(engine.scalar(con, f"SELECT max(ts) FROM {full}")).normalize()
     cuts = rolling_cuts(split, last_day)[split.fold]
-    if not engine.scalar(con, f"SELECT count(*) FROM {full} WHERE ts < ?", [cuts["val_start"].value]):
+    n_train = engine.scalar(con, f"SELECT count(*) FROM {full} WHERE ts < ?", [cuts["val_start"].value])
+    if full != table:
+        con.execute(f"DROP TABLE {full}")
+    if not n_train:
         raise DataError(
             f"data.split.folds: fold {split.fold} of {split.folds} has no training interactions before its validation "
             f"window (from {cuts['val_start'].date()}): use fewer folds or shorter windows"
@@ -430,23 +436,33 @@ def _build(settings: PrepareSettings, workers: int) -> None:
     now_ns = time.time_ns()
     out = settings.processed_dir
     with engine.connect(settings.engine, engine.scratch_folder(out, settings.engine)) as con:
+        inputs = tree_fingerprint(settings.root)
         raw = _load(settings, con)
-        inputs = tree_fingerprint(settings.root)  # after the source ran: a generator may write its raw files
         table = _interactions_table(con, raw)
-        table, outliers = time_outliers(con, table, settings.time, now_ns, _interactions_name(raw))
-        raw.skipped.update(outliers)
+
+        def step(result: tuple[str, Any]) -> Any:
+            """Keep the step's table, drop the one it replaces (they are as large as the data)."""
+            nonlocal table
+            if result[0] != table:
+                con.execute(f"DROP TABLE {table}")
+                table = result[0]
+            return result[1]
+
+        raw.skipped.update(step(time_outliers(con, table, settings.time, now_ns, _interactions_name(raw))))
         split, fold_info = fold_split(settings, con, table)
-        table, n_dropped = drop_after_end(con, table, split)
+        n_dropped = step(drop_after_end(con, table, split))
         f = settings.filter
-        table, n_filtered = apply_filters(
-            con, table, f.min_user_interactions, f.min_item_interactions, f.kcore
+        n_filtered = step(
+            apply_filters(con, table, f.min_user_interactions, f.min_item_interactions, f.kcore)
         )
         if engine.count(con, table) == 0:
             raise DataError(f"{settings.root}: no interactions left after validation and filtering")
         items, images = _catalog(raw, con, table)
         user_map = _map_ids(con, table, items)
+        con.execute(f"DROP TABLE {table}")
         split_sql, split_info = split_labels_sql(con, "mapped", split)
         con.execute(f"CREATE TABLE labelled AS SELECT *, ({split_sql})::TINYINT AS split FROM mapped")
+        con.execute("DROP TABLE mapped")
         if split.test_end is not None:
             split_info.update(test_end=split.test_end, dropped_after_end=n_dropped)
         split_counts = dict(con.execute("SELECT split, count(*) FROM labelled GROUP BY split").fetchall())
