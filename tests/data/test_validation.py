@@ -6,6 +6,7 @@ import logging
 import os
 from collections import Counter
 
+import duckdb
 import pandas as pd
 import pytest
 
@@ -115,26 +116,35 @@ def test_row_numbers_follow_the_reader_index():
         parse_timestamps(s, "f", "ts")
 
 
+def _engine_table(**cols) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    frame = pd.DataFrame(cols)
+    frame["row"] = range(len(frame))
+    con.register("frame", frame)
+    con.execute("CREATE TABLE tx AS SELECT * FROM frame")
+    return con
+
+
 def test_unknown_items_are_counted_skips(caplog):
-    df = pd.DataFrame({"user_id": ["u"] * 4, "item_id": ["a", "x", "b", "x"]})
+    con = _engine_table(user_id=["u"] * 4, item_id=["z", "x", "b", "x"])
     skipped = Counter()
     with caplog.at_level(logging.WARNING):
-        out, n = drop_unknown_items(df, {"a", "b"}, skipped, "tx.csv")
-    assert n == 2 and skipped["unknown_item"] == 2
-    assert list(out["item_id"]) == ["a", "b"]
-    assert list(out.index) == [0, 2]  # source order and index kept
-    assert "tx.csv: skipped 2 row(s) (unknown_item)" in caplog.text
+        out = drop_unknown_items(con, "tx", {"z", "b"}, skipped, "tx.csv")
+    assert skipped["unknown_item"] == 2
+    assert con.execute(f"SELECT item_id, row FROM {out} ORDER BY row").fetchall() == [("z", 0), ("b", 2)]
+    assert "tx.csv: skipped 2 row(s) (unknown_item), e.g. item_id 'x'" in caplog.text
+    assert drop_unknown_items(con, out, {"z", "b"}, skipped, "tx.csv") == out  # nothing to drop: same table
+    assert skipped["unknown_item"] == 2
 
 
 def test_duplicate_rows_are_counted_skips(caplog):
-    df = pd.DataFrame({"user_id": ["u", "u", "u", "u"], "item_id": ["a", "a", "a", "b"], "ts": [1, 1, 2, 1]})
+    con = _engine_table(user_id=["u", "u", "u", "u", "u"], item_id=["a", "b", "a", "a", "a"], ts=[1, 1, 2, 1, 1])
     skipped = Counter({"unknown_item": 1})
     with caplog.at_level(logging.WARNING):
-        out, n = drop_duplicate_rows(df, skipped, "tx.csv")
-    assert n == 1
-    assert skipped == Counter({"unknown_item": 1, "duplicate_row": 1})
-    assert list(out.index) == [0, 2, 3]
-    assert "skipped 1 row(s) (duplicate_row)" in caplog.text
+        out = drop_duplicate_rows(con, "tx", skipped, "tx.csv")
+    assert skipped == Counter({"unknown_item": 1, "duplicate_row": 2})
+    assert [r[0] for r in con.execute(f"SELECT row FROM {out} ORDER BY row").fetchall()] == [0, 1, 2]
+    assert "skipped 2 row(s) (duplicate_row), first at row 4" in caplog.text
 
 
 def test_invalid_prices_are_counted_skips():
@@ -147,11 +157,11 @@ def test_invalid_prices_are_counted_skips():
 
 
 def test_clean_input_records_zero_skips_without_dropping():
-    df = pd.DataFrame({"item_id": ["a", "b"], "price": [1.0, 2.0]})
+    con = _engine_table(item_id=["a", "b"], price=[1.0, 2.0])
     skipped = Counter()
-    out, n = drop_duplicate_rows(df, skipped, "f")
-    assert n == 0 and len(out) == 2 and skipped["duplicate_row"] == 0
-    out, n = drop_invalid_prices(out, skipped, "f")
+    assert drop_duplicate_rows(con, "tx", skipped, "f") == "tx"
+    assert "duplicate_row" in skipped and skipped["duplicate_row"] == 0
+    out, n = drop_invalid_prices(pd.DataFrame({"item_id": ["a", "b"], "price": [1.0, 2.0]}), skipped, "f")
     assert n == 0 and len(out) == 2
 
 

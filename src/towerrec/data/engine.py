@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,16 +76,24 @@ def scratch_folder(processed_dir: Path, settings: EngineSettings) -> Path:
 
 
 def frame_to_table(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, table: str) -> None:
-    """Load canonical interactions from pandas (``timestamp`` datetime64[ns]) as an engine table."""
+    """Load canonical interactions from pandas (``timestamp`` datetime64[ns], rows in source order)."""
     append_frame(con, frame, table, first_row=0, create=True)
 
 
 def append_frame(
-    con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, table: str, first_row: int, create: bool
+    con: duckdb.DuckDBPyConnection,
+    frame: pd.DataFrame,
+    table: str,
+    first_row: int | None = None,
+    create: bool = False,
 ) -> None:
-    """Add canonical interactions from pandas to an engine table, as source rows ``first_row`` on.
+    """Add canonical interactions from pandas to an engine table.
+
+    ``timestamp`` (datetime64[ns]) becomes ``ts``; every other column is kept as it is.
 
     Args:
+        first_row: the source position of the frame's first row (then rows are consecutive); by
+            default the frame's index is the source position (0-based, as a source reader gives it).
         create: create (or replace) the table from this frame instead of appending to it.
     """
     cols = {
@@ -93,19 +101,38 @@ def append_frame(
         "item_id": frame["item_id"].astype(str).to_numpy(dtype=object),
         "ts": frame["timestamp"].to_numpy(dtype="datetime64[ns]").view("i8"),
     }
-    for c in OPTIONAL:
-        if c in frame:
+    for c in frame.columns:
+        if c not in cols and c != "timestamp":
             cols[c] = frame[c].to_numpy()
-    cols["row"] = np.arange(first_row, first_row + len(frame), dtype=np.int64)
+    if first_row is None:
+        cols["row"] = frame.index.to_numpy(dtype=np.int64)
+    else:
+        cols["row"] = np.arange(first_row, first_row + len(frame), dtype=np.int64)
     view = pd.DataFrame(cols)
     con.register("_frame", view)
     try:
         if create:
             con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _frame")
         else:
-            con.execute(f"INSERT INTO {table} SELECT * FROM _frame")
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _frame")
     finally:
         con.unregister("_frame")
+
+
+def load_chunks(con: duckdb.DuckDBPyConnection, chunks: Iterable[pd.DataFrame], table: str) -> int:
+    """Append canonical chunks (each indexed by source position) to a new engine table; the row count."""
+    n = 0
+    for k, chunk in enumerate(chunks):
+        append_frame(con, chunk, table, create=k == 0)
+        n += len(chunk)
+    return n
+
+
+def to_frame(con: duckdb.DuckDBPyConnection, table: str) -> pd.DataFrame:
+    """An engine table of interactions as a canonical pandas frame in source order (small data only)."""
+    frame = con.execute(f"SELECT * FROM {table} ORDER BY row").df()
+    frame.insert(2, "timestamp", frame.pop("ts").to_numpy(dtype=np.int64).view("datetime64[ns]"))
+    return frame.drop(columns="row")
 
 
 def columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:

@@ -6,7 +6,9 @@ Two kinds of bad input, two policies:
   is not UTF-8, missing columns, missing or unparsable timestamps, empty ids. The message is one line
   naming the file and the row (1-based data row, header not counted) or line, and the column.
 * Counted skips for rows that are individually wrong but leave the rest usable: unknown items,
-  exact duplicate rows, NaN or negative prices. The helper drops them, adds the count to the
+  exact duplicate rows, NaN or negative prices. Row checks run on pandas chunks of a source (so a
+  file of any length is read in bounded memory); checks across rows (duplicates, unknown items) run
+  on the DuckDB engine table the chunks go into. The helper drops them, adds the count to the
   ``skipped`` counter of :class:`~towerrec.data.schema.RawDataset` under a fixed reason and logs one
   line. Nothing is dropped silently.
 
@@ -21,9 +23,10 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 
@@ -66,6 +69,28 @@ def _invalid_utf8_message(path: Path) -> str:
                 )
             offset += len(line)
     return f"{path.name}: not UTF-8 text"
+
+
+def read_csv_chunks(path: str | os.PathLike, chunk_rows: int, **kw) -> Iterator[pd.DataFrame]:
+    """:func:`read_csv_utf8` a chunk of ``chunk_rows`` rows at a time, with the same one-line errors.
+
+    The chunks' indexes continue from one to the next, so row numbers in messages are the file's.
+    """
+    path = Path(path)
+    kw.setdefault("keep_default_na", False)
+    kw.setdefault("na_values", [""])
+    if not path.is_file():
+        raise DataError(f"{path.name}: file not found ({path})")
+    try:
+        with pd.read_csv(path, encoding="utf-8", chunksize=chunk_rows, **kw) as reader:
+            yield from reader
+    except UnicodeDecodeError:
+        raise DataError(_invalid_utf8_message(path)) from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path.name}: empty file (no header row)") from None
+    except pd.errors.ParserError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path.name}: malformed CSV: {first}") from None
 
 
 def read_csv_utf8(path: str | os.PathLike, **kw) -> pd.DataFrame:
@@ -206,42 +231,68 @@ def _count_skip(skipped: Counter, reason: str, n: int, file: str, detail: str = 
 
 
 def drop_unknown_items(
-    df: pd.DataFrame,
+    con: duckdb.DuckDBPyConnection,
+    table: str,
     catalog: Iterable[str],
     skipped: Counter,
     file: str,
     column: str = "item_id",
-) -> tuple[pd.DataFrame, int]:
-    """Drop interactions whose item is not in ``catalog``; count them as ``unknown_item``."""
-    known = df[column].isin(catalog if isinstance(catalog, pd.Index | set) else set(catalog))
-    n = int((~known).sum())
-    detail = ""
-    if n:
-        examples = ", ".join(repr(v) for v in df.loc[~known, column].unique()[:3])
-        detail = f", e.g. {column} {examples}"
+) -> str:
+    """Drop engine rows whose item is not in ``catalog``; count them as ``unknown_item``.
+
+    Returns:
+        the engine table without them (``table`` itself when there are none).
+    """
+    con.register("_catalog", pd.DataFrame({"id": pd.Series(list(catalog), dtype=object).astype(str)}))
+    try:
+        unknown = f"{column} NOT IN (SELECT id FROM _catalog)"
+        n = int(con.execute(f"SELECT count(*) FROM {table} WHERE {unknown}").fetchall()[0][0])
+        detail = ""
+        if n:
+            first = con.execute(
+                f"SELECT {column} FROM {table} WHERE {unknown} GROUP BY {column} ORDER BY min(row) LIMIT 3"
+            ).fetchall()
+            detail = f", e.g. {column} " + ", ".join(repr(v[0]) for v in first)
+            con.execute(f"CREATE TABLE {table}_known AS SELECT * FROM {table} WHERE NOT ({unknown}) ORDER BY row")
+    finally:
+        con.unregister("_catalog")
     _count_skip(skipped, UNKNOWN_ITEM, n, file, detail)
-    return (df[known] if n else df), n
+    return f"{table}_known" if n else table
 
 
-def _drop_exact(
-    df: pd.DataFrame, skipped: Counter, file: str, reason: str, subset: list[str] | None = None
-) -> tuple[pd.DataFrame, int]:
-    dup = df.duplicated(subset=subset, keep="first")
+def drop_duplicate_rows(con: duckdb.DuckDBPyConnection, table: str, skipped: Counter, file: str) -> str:
+    """Drop exact repeats of an earlier engine row (all columns but the position; the first is kept).
+
+    They are counted as ``duplicate_row``; the message names the first repeat's row.
+
+    Returns:
+        the engine table without them (``table`` itself when there are none).
+    """
+    cols = ", ".join(f'"{c}"' for c in engine_columns(con, table) if c != "row")
+    repeats = f"SELECT row FROM (SELECT row, row_number() OVER (PARTITION BY {cols} ORDER BY row) AS k FROM {table}) WHERE k > 1"
+    n, first = con.execute(f"SELECT count(*), min(row) FROM ({repeats})").fetchall()[0]
+    n = int(n)
+    detail = f", first at row {int(first) + 1}" if n else ""
+    if n:
+        con.execute(
+            f"CREATE TABLE {table}_unique AS SELECT * FROM {table} WHERE row NOT IN ({repeats}) ORDER BY row"
+        )
+    _count_skip(skipped, DUPLICATE_ROW, n, file, detail)
+    return f"{table}_unique" if n else table
+
+
+def engine_columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """Column names of an engine table."""
+    return [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+
+
+def _drop_exact(df: pd.DataFrame, skipped: Counter, file: str, reason: str) -> tuple[pd.DataFrame, int]:
+    """Drop exact repeats of an earlier row of a small keyed table (items, users); count them."""
+    dup = df.duplicated(keep="first")
     n = int(dup.sum())
     detail = f", first at row {_row_numbers(df.index, dup.to_numpy())[0]}" if n else ""
     _count_skip(skipped, reason, n, file, detail)
     return (df[~dup] if n else df), n
-
-
-def drop_duplicate_rows(
-    df: pd.DataFrame, skipped: Counter, file: str, subset: list[str] | None = None
-) -> tuple[pd.DataFrame, int]:
-    """Drop exact repeats of an earlier row (first kept); count them as ``duplicate_row``.
-
-    Args:
-        subset: columns compared; all columns by default.
-    """
-    return _drop_exact(df, skipped, file, DUPLICATE_ROW, subset)
 
 
 def drop_invalid_prices(

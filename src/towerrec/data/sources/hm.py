@@ -9,20 +9,25 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
+import duckdb
 import pandas as pd
 
+from towerrec.data import engine
 from towerrec.data.schema import RawDataset
 from towerrec.data.sources.readers import (
+    CHUNK_ROWS,
     build_items,
     canonical_interactions,
-    finish_interactions,
+    engine_interactions,
+    engine_result,
     ordered_union,
     scan_images,
+    source_engine,
 )
 from towerrec.data.validate import (
     dedupe_keyed,
     drop_invalid_prices,
+    read_csv_chunks,
     read_csv_utf8,
     require_columns,
     require_ids,
@@ -52,32 +57,49 @@ HM_USER_FIELDS = ["club_member_status", "fashion_news_frequency"]
 SAME_DAY_MERGED = "same_day_repeat_merged"
 
 
-def _merge_same_day(df: pd.DataFrame, repaired: Counter, file: str) -> pd.DataFrame:
-    """Merge rows of one user, item and calendar day into the first one.
+def _merge_same_day(con: duckdb.DuckDBPyConnection, table: str, repaired: Counter, file: str) -> str:
+    """Merge engine rows of one user, item and calendar day into the first one (a new engine table).
 
     The kept row gets ``quantity`` = number of rows and ``price`` = their mean; its position, timestamp
     and channel are the first row's.
     """
-    day = df["timestamp"].dt.floor("D")
-    keys = [df["user_id"], df["item_id"], day]
-    first = ~pd.DataFrame({"u": df["user_id"], "i": df["item_id"], "d": day}).duplicated().to_numpy()
-    n = int((~first).sum())
+    group = f"PARTITION BY user_id, item_id, {engine.day_sql()}"
+    n = int(
+        engine.scalar(
+            con, f"SELECT count(*) - count(DISTINCT (user_id, item_id, {engine.day_sql()})) FROM {table}"
+        )
+    )
     repaired[SAME_DAY_MERGED] += n
-    if not n:
-        return df.assign(quantity=np.ones(len(df), dtype="int64"))
-    groups = df.groupby(keys, sort=False)
-    out = df.assign(quantity=groups["item_id"].transform("size").astype("int64"))
-    if "price" in df:
-        out["price"] = groups["price"].transform("mean")
-    if "channel" in df:
-        conflicts = int((groups["channel"].nunique() > 1).sum())
+    price = ", fsum(price) OVER w / count(*) OVER w AS price" if "price" in engine.columns(con, table) else ""
+    keep = ", ".join(c for c in engine.columns(con, table) if c != "price")
+    con.execute(
+        f"""CREATE TABLE {table}_merged AS
+        SELECT {keep}{price}, count(*) OVER w AS quantity FROM {table}
+        WINDOW w AS ({group})
+        QUALIFY row_number() OVER ({group} ORDER BY row) = 1
+        ORDER BY row"""
+    )
+    if n and "channel" in engine.columns(con, table):
+        conflicts = int(
+            engine.scalar(
+                con,
+                f"SELECT count(*) FROM (SELECT 1 FROM {table} GROUP BY user_id, item_id, {engine.day_sql()} "
+                "HAVING count(DISTINCT channel) > 1)",
+            )
+        )
         if conflicts:
             log.info("%s: %d merged same-day group(s) had several channels; kept the first", file, conflicts)
-    log.info("%s: merged %d same-day repeat row(s) into a quantity (%s)", file, n, SAME_DAY_MERGED)
-    return out[first]
+    if n:
+        log.info("%s: merged %d same-day repeat row(s) into a quantity (%s)", file, n, SAME_DAY_MERGED)
+    return f"{table}_merged"
 
 
-def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
+def load_hm(
+    root: str,
+    same_day_repeats: str = "merge",
+    con: duckdb.DuckDBPyConnection | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> RawDataset:
     """Load the H&M sample: purchases, article metadata, customers and product images.
 
     The catalog is the union of ``articles.csv``, purchased articles and articles with an image file
@@ -90,6 +112,9 @@ def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
         same_day_repeats: rows with the same customer, article and day: ``"merge"`` them into the
             first row (quantity = number of rows, price = mean, counted in
             ``repaired["same_day_repeat_merged"]`` as rows removed) or ``"keep"`` each (quantity 1).
+        con: a preparing build's DuckDB connection: the purchases are validated ``chunk_rows`` at a
+            time into its engine, merged there, and returned as an engine table's name (without
+            one, as a pandas frame).
     """
     if same_day_repeats not in ("merge", "keep"):
         raise ValueError(f"same_day_repeats must be 'merge' or 'keep', got {same_day_repeats!r}")
@@ -98,7 +123,6 @@ def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
     skipped: Counter = Counter()
     repaired: Counter = Counter()
 
-    raw = read_csv_utf8(paths["transactions.csv"], dtype=str)
     mapping = {
         "user_id": "customer_id",
         "item_id": "article_id",
@@ -106,12 +130,26 @@ def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
         "price": "price",
         "channel": "sales_channel_id",
     }
-    tx = canonical_interactions(raw, "transactions.csv", mapping, timestamp_format="%Y-%m-%d")
-    tx, _ = drop_invalid_prices(tx, skipped, "transactions.csv")
-    if same_day_repeats == "merge":
-        tx = _merge_same_day(tx, repaired, "transactions.csv")
-    else:
-        tx = tx.assign(quantity=np.ones(len(tx), dtype="int64"))
+
+    def convert(raw: pd.DataFrame) -> pd.DataFrame:
+        tx = canonical_interactions(raw, "transactions.csv", mapping, timestamp_format="%Y-%m-%d")
+        return drop_invalid_prices(tx, skipped, "transactions.csv")[0]
+
+    with source_engine(con) as db:
+        chunks = read_csv_chunks(paths["transactions.csv"], chunk_rows, dtype=str)
+        engine_interactions(db, chunks, convert, "hm_tx")
+        if same_day_repeats == "merge":
+            table = _merge_same_day(db, "hm_tx", repaired, "transactions.csv")
+        else:
+            db.execute("CREATE TABLE hm_tx_kept AS SELECT *, 1::BIGINT AS quantity FROM hm_tx ORDER BY row")
+            table = "hm_tx_kept"
+        db.execute("DROP TABLE hm_tx")
+        purchased = [
+            r[0]
+            for r in db.execute(f"SELECT item_id FROM {table} GROUP BY item_id ORDER BY min(row)").fetchall()
+        ]
+        n_tx = engine.count(db, table)
+        interactions = engine_result(db, table, con)
 
     articles = read_csv_utf8(paths["articles.csv"], dtype=str)
     require_columns(articles, ["article_id", *HM_CATEGORICAL, *HM_TEXT], "articles.csv")
@@ -120,7 +158,7 @@ def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
     articles = dedupe_keyed(articles, "item_id", "articles.csv", skipped, "duplicate_item_row")
 
     images = scan_images(root_path / "images")
-    known = ordered_union(articles["item_id"], tx["item_id"])
+    known = ordered_union(articles["item_id"], purchased)
     image_only = sorted(set(images).difference(known))
     items = build_items(ordered_union(known, image_only), articles, HM_CATEGORICAL + HM_TEXT, images)
     # article_id = product code + 3-digit colour variant, so every item has its product code,
@@ -149,10 +187,10 @@ def load_hm(root: str, same_day_repeats: str = "merge") -> RawDataset:
     sources[str(root_path / "images")] = tree_fingerprint(root_path / "images", "*.jpg")
     log.info(
         "H&M: %d interactions, %d items (%d with image), %d users",
-        len(tx), len(items), len(images), len(users),
+        n_tx, len(items), len(images), len(users),
     )  # fmt: skip
     return RawDataset(
-        interactions=finish_interactions(tx),
+        interactions=interactions,
         items=items,
         users=users.reset_index(drop=True),
         categorical=[*HM_CATEGORICAL, *HM_DERIVED],

@@ -9,17 +9,20 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 
+from towerrec.data import engine
 from towerrec.data.schema import DataError, RawDataset
 from towerrec.data.sources.readers import (
     build_items,
     canonical_interactions,
-    finish_interactions,
+    engine_result,
     ordered_union,
     read_lines,
     scan_images,
+    source_engine,
 )
 from towerrec.data.validate import (
     dedupe_keyed,
@@ -70,7 +73,9 @@ def _ml_users(path: Path, sep: str, names: list[str]) -> pd.DataFrame:
     return out
 
 
-def load_movielens(root: str, images_dir: str | None = None) -> RawDataset:
+def load_movielens(
+    root: str, images_dir: str | None = None, con: duckdb.DuckDBPyConnection | None = None
+) -> RawDataset:
     """Load MovieLens ratings and movies: ML-100K, ML-1M, or the CSV releases (ml-latest, 20M, 25M).
 
     Detected by file name: ``u.data`` + ``u.item`` (100K, tab / pipe separated), ``ratings.dat`` +
@@ -83,6 +88,8 @@ def load_movielens(root: str, images_dir: str | None = None) -> RawDataset:
         root: folder holding the MovieLens files.
         images_dir: poster folder with ``<movie_id>.jpg`` (relative to ``root`` unless absolute);
             default ``root/posters``. Without posters every ``image_path`` is None.
+        con: a preparing build's DuckDB connection: repeated ratings are dropped in its engine and
+            the interactions returned as an engine table's name (without one, as a pandas frame).
     """
     root_path = Path(root).resolve()
     skipped: Counter = Counter()
@@ -116,7 +123,15 @@ def load_movielens(root: str, images_dir: str | None = None) -> RawDataset:
 
     mapping = {"user_id": "user", "item_id": "item", "timestamp": "ts", "rating": "rating"}
     ratings = canonical_interactions(raw, ratings_file.name, mapping)
-    ratings, _ = drop_duplicate_rows(ratings, skipped, ratings_file.name)
+    with source_engine(con) as db:
+        engine.append_frame(db, ratings, "ml_ratings", create=True)
+        table = drop_duplicate_rows(db, "ml_ratings", skipped, ratings_file.name)
+        rated = [
+            r[0]
+            for r in db.execute(f"SELECT item_id FROM {table} GROUP BY item_id ORDER BY min(row)").fetchall()
+        ]
+        interactions = engine_result(db, table, con)
+    del ratings, raw
 
     require_ids(movies, ["item_id"], movies_file.name)
     movies["genres"] = movies["genres"].fillna("").astype(str)
@@ -135,7 +150,7 @@ def load_movielens(root: str, images_dir: str | None = None) -> RawDataset:
 
     poster_dir = root_path / (images_dir if images_dir is not None else "posters")
     images = scan_images(poster_dir)
-    ids = ordered_union(movies["item_id"], ratings["item_id"])
+    ids = ordered_union(movies["item_id"], rated)
     n_extra = len(ids) - len(movies)
     if n_extra:
         log.info(
@@ -147,7 +162,7 @@ def load_movielens(root: str, images_dir: str | None = None) -> RawDataset:
     if poster_dir.is_dir():
         sources[str(poster_dir)] = tree_fingerprint(poster_dir, "*.jpg")
     return RawDataset(
-        interactions=finish_interactions(ratings),
+        interactions=interactions,
         items=items,
         users=users.reset_index(drop=True),
         categorical=list(ML_CATEGORICAL),

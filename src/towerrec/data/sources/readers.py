@@ -10,16 +10,21 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
+from towerrec.data import engine
 from towerrec.data.schema import INTERACTION_COLUMNS, INTERACTION_OPTIONAL, DataError
 from towerrec.data.validate import (
     parse_numbers,
     parse_timestamps,
+    read_csv_chunks,
     read_csv_utf8,
     require_columns,
     require_ids,
@@ -97,6 +102,74 @@ def read_table(path: Path) -> pd.DataFrame:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"{path.name}: unreadable parquet file: {msg}") from None
     raise DataError(f"{path.name}: unsupported file type {suffix!r} (use .csv, .tsv or .parquet)")
+
+
+#: Rows a source validates in pandas at a time before they go into the engine.
+CHUNK_ROWS = 1_000_000
+
+
+def table_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """:func:`read_table` a chunk at a time; each chunk's index is its rows' 0-based position in the file."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".txt"):
+        yield from read_csv_chunks(path, chunk_rows, dtype=str, sep="\t" if suffix == ".tsv" else ",")
+        return
+    if suffix not in (".parquet", ".pq"):
+        raise DataError(f"{path.name}: unsupported file type {suffix!r} (use .csv, .tsv or .parquet)")
+    if not path.is_file():
+        raise DataError(f"{path.name}: file not found ({path})")
+    try:
+        file = pq.ParquetFile(path)
+        start = 0
+        for batch in file.iter_batches(batch_size=chunk_rows):
+            chunk = batch.to_pandas()
+            chunk.index = pd.RangeIndex(start, start + len(chunk))
+            start += len(chunk)
+            yield chunk
+        if start == 0:
+            yield file.schema_arrow.empty_table().to_pandas()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        if isinstance(e, DataError):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path.name}: unreadable parquet file: {msg}") from None
+
+
+@contextmanager
+def source_engine(con: duckdb.DuckDBPyConnection | None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The build's engine connection, or a private in-memory one when a source is called on its own."""
+    if con is not None:
+        yield con
+        return
+    own = duckdb.connect()
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def engine_interactions(
+    con: duckdb.DuckDBPyConnection,
+    chunks: Iterable[pd.DataFrame],
+    convert: Callable[[pd.DataFrame], pd.DataFrame],
+    table: str,
+) -> None:
+    """Validate raw chunks with ``convert`` (to canonical columns) and append them to a new engine table.
+
+    A file with a header and no rows still goes through ``convert`` once (its columns are checked).
+    """
+    first = True
+    for raw in chunks:
+        if len(raw) or first:
+            engine.append_frame(con, convert(raw), table, create=first)
+            first = False
+    if first:
+        raise DataError(f"{table}: no rows")
+
+
+def engine_result(con: duckdb.DuckDBPyConnection, table: str, given: duckdb.DuckDBPyConnection | None):
+    """What a source returns as its interactions: the engine table's name in a build, else a frame."""
+    return table if given is not None else finish_interactions(engine.to_frame(con, table))
 
 
 def _read_lines_slowly(text: str, name: str, sep: str, names: list[str]) -> pd.DataFrame:

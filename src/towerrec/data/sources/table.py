@@ -7,16 +7,21 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 
 from towerrec.data.schema import INTERACTION_COLUMNS, INTERACTION_OPTIONAL, DataError, RawDataset
 from towerrec.data.sources.readers import (
+    CHUNK_ROWS,
     build_items,
     canonical_interactions,
-    finish_interactions,
+    engine_interactions,
+    engine_result,
     ordered_union,
     read_table,
     scan_images,
+    source_engine,
+    table_chunks,
 )
 from towerrec.data.validate import (
     dedupe_keyed,
@@ -42,6 +47,8 @@ def load_table(
     text: Sequence[str] = (),
     timestamp_format: str | None = None,
     image_dir: str | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> RawDataset:
     """Load interactions (and optionally an item table) from CSV, TSV or parquet files.
 
@@ -65,6 +72,9 @@ def load_table(
         timestamp_format: strptime format of string timestamps.
         image_dir: image folder (relative to ``root`` unless absolute); without an ``image``
             column, images are looked up as ``<image_dir>/<item_id>.jpg``.
+        con: a preparing build's DuckDB connection: the interactions are validated ``chunk_rows`` at a
+            time into its engine, where repeats and unknown items are dropped, and returned as an
+            engine table's name (without one, as a pandas frame).
     """
     root_path = Path(root).resolve()
     skipped: Counter = Counter()
@@ -73,31 +83,39 @@ def load_table(
     categorical, text = list(categorical), list(text)
 
     inter_path = root_path / interactions
-    raw = read_table(inter_path)
-    mapping = {c: columns.get(c, c) for c in INTERACTION_COLUMNS}
-    for c in INTERACTION_OPTIONAL:
-        if c in columns or c in raw.columns:
-            mapping[c] = columns.get(c, c)
-    mapping.update({c: s for c, s in columns.items() if c not in mapping})
-    df = canonical_interactions(raw, inter_path.name, mapping, timestamp_format)
-    if "price" in df:
-        df, _ = drop_invalid_prices(df, skipped, inter_path.name)
-    df, _ = drop_duplicate_rows(df, skipped, inter_path.name)
+    name = inter_path.name
+
+    def convert(raw: pd.DataFrame) -> pd.DataFrame:
+        mapping = {c: columns.get(c, c) for c in INTERACTION_COLUMNS}
+        for c in INTERACTION_OPTIONAL:
+            if c in columns or c in raw.columns:
+                mapping[c] = columns.get(c, c)
+        mapping.update({c: s for c, s in columns.items() if c not in mapping})
+        df = canonical_interactions(raw, name, mapping, timestamp_format)
+        return drop_invalid_prices(df, skipped, name)[0] if "price" in df else df
 
     image_root = root_path / image_dir if image_dir is not None else root_path
-    sources = {str(inter_path): file_fingerprint(inter_path)}
+    sources: dict = {}
     fields = categorical + text
     meta = None
-    if items is not None:
-        items_path = root_path / items
-        meta = _read_items(items_path, item_columns, fields, skipped)
-        df, _ = drop_unknown_items(df, pd.Index(meta["item_id"]), skipped, inter_path.name)
-        ids = pd.Index(meta["item_id"], dtype=object)
-        sources[str(items_path)] = file_fingerprint(items_path)
-    else:
-        ids = ordered_union(df["item_id"])
-        if fields:
-            raise DataError(f"{inter_path.name}: categorical/text item fields {fields} need an items file")
+    with source_engine(con) as db:
+        engine_interactions(db, table_chunks(inter_path, chunk_rows), convert, "table_tx")
+        table = drop_duplicate_rows(db, "table_tx", skipped, name)
+        sources[str(inter_path)] = file_fingerprint(inter_path)
+        if items is not None:
+            items_path = root_path / items
+            meta = _read_items(items_path, item_columns, fields, skipped)
+            table = drop_unknown_items(db, table, meta["item_id"], skipped, name)
+            ids = pd.Index(meta["item_id"], dtype=object)
+            sources[str(items_path)] = file_fingerprint(items_path)
+        else:
+            if fields:
+                raise DataError(f"{name}: categorical/text item fields {fields} need an items file")
+            first_seen = db.execute(
+                f"SELECT item_id FROM {table} GROUP BY item_id ORDER BY min(row)"
+            ).fetchall()
+            ids = ordered_union([r[0] for r in first_seen])
+        interactions = engine_result(db, table, con)
 
     if meta is not None and "image" in meta:
         images = _image_paths(meta, image_root, items)
@@ -107,7 +125,7 @@ def load_table(
         sources[str(image_root)] = tree_fingerprint(image_root, "*")
 
     return RawDataset(
-        interactions=finish_interactions(df),
+        interactions=interactions,
         items=build_items(ids, meta, fields, images),
         categorical=categorical,
         text=text,
