@@ -17,6 +17,11 @@ Ids are contiguous integers from 1; 0 is padding. Interactions are sorted by use
 rows with the same timestamp keep their source row order (a stable sort), since H&M dates have no
 time of day and the order within a day is unknown.
 
+Out of core: the interactions never sit in pandas whole. The source validates them in chunks into a
+DuckDB database in a scratch folder (:mod:`towerrec.data.engine`), and every step across rows here
+(timestamp outliers, filters, id maps, the split, the sort, counts, per-customer aggregates) is a
+query on it under the configured memory limit, spilling to disk. Items and users are pandas frames.
+
 Any number of processes may prepare (or train on) one folder at once: the builder holds a file lock
 beside it (``<processed_dir>.lock``), writes into a temporary folder of its own and renames it into
 place when complete, so a crash or kill leaves the previous complete folder or none. The others wait
