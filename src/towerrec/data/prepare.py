@@ -67,6 +67,8 @@ from towerrec.fileio import atomic_folder, folder_files, tree_fingerprint, write
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")  # split codes 0, 1, 2
+LIFECYCLE = ["new", "active", "lapsing", "no_history"]
+RFM_SEGMENTS = ["none"] + [f"R{r}F{f}M{m}" for r in (1, 2, 3) for f in (1, 2, 3) for m in (1, 2, 3)]
 TIMESTAMP_AFTER_CLOCK = "timestamp_after_clock"
 TIMESTAMP_ISOLATED_TAIL = "timestamp_isolated_tail"
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -379,18 +381,17 @@ def customer_segments(
     agg["rfm_f"] = q3(agg["frequency"], ascending=True)
     agg["rfm_m"] = q3(agg["monetary"], ascending=True)
     days_since_first = (train_end - agg["first"]).dt.total_seconds() / 86400.0
-    agg["lifecycle"] = np.where(
-        days_since_first <= new_days, "new", np.where(agg["recency_days"] <= active_days, "active", "lapsing")
+    # Categoricals: a few bytes per customer, not a string each (millions of customers).
+    agg["lifecycle"] = pd.Categorical.from_codes(
+        np.where(days_since_first <= new_days, 0, np.where(agg["recency_days"] <= active_days, 1, 2)),
+        LIFECYCLE,
     )
     seg = seg.join(agg[["recency_days", "frequency", "monetary", "rfm_r", "rfm_f", "rfm_m", "lifecycle"]])
     seg["lifecycle"] = seg["lifecycle"].fillna("no_history")
     for c in ("rfm_r", "rfm_f", "rfm_m"):
         seg[c] = seg[c].fillna(0).astype(int)  # 0 = no training history
-    seg["rfm_segment"] = np.where(
-        seg["rfm_r"] > 0,
-        "R" + seg["rfm_r"].astype(str) + "F" + seg["rfm_f"].astype(str) + "M" + seg["rfm_m"].astype(str),
-        "none",
-    )
+    code = np.where(seg["rfm_r"] > 0, (seg["rfm_r"] - 1) * 9 + (seg["rfm_f"] - 1) * 3 + seg["rfm_m"], 0)
+    seg["rfm_segment"] = pd.Categorical.from_codes(code, RFM_SEGMENTS)
     return seg.reset_index()
 
 
@@ -444,6 +445,8 @@ def _build(settings: PrepareSettings, workers: int) -> None:
         inputs = tree_fingerprint(settings.root)
         raw = _load(settings, con)
         table = _interactions_table(con, raw)
+        if list(raw.users.columns) == ["user_id"]:
+            raw.users = raw.users.iloc[:0]  # ids only (the generator's): user_map has them; free millions of strings
 
         def step(result: tuple[str, Any]) -> Any:
             """Keep the step's table, drop the one it replaces (they are as large as the data)."""
@@ -463,7 +466,7 @@ def _build(settings: PrepareSettings, workers: int) -> None:
         if engine.count(con, table) == 0:
             raise DataError(f"{settings.root}: no interactions left after validation and filtering")
         items, images = _catalog(raw, con, table)
-        user_map = _map_ids(con, table, items)
+        _map_ids(con, table, items)
         con.execute(f"DROP TABLE {table}")
         split_sql, split_info = split_labels_sql(con, "mapped", split)
         con.execute(f"CREATE TABLE labelled AS SELECT *, ({split_sql})::TINYINT AS split FROM mapped")
@@ -482,8 +485,7 @@ def _build(settings: PrepareSettings, workers: int) -> None:
         with atomic_folder(out) as tmp:
             _write_interactions(con, tmp / "interactions.parquet")
             features = _item_files(tmp, items, con, raw, images, settings, workers)
-            users = _users_table(raw, user_map, con, split_info, settings)
-            users.to_parquet(tmp / "users.parquet", index=False)
+            n_users = _write_users(con, raw, tmp / "users.parquet", split_info, settings)
             manifest = {
                 "towerrec_prepare_version": PREPARE_VERSION,
                 "name": settings.name,
@@ -493,7 +495,7 @@ def _build(settings: PrepareSettings, workers: int) -> None:
                 "config": settings.config,
                 "inputs": inputs,
                 "sources": raw.sources,
-                "counts": _counts(con, split_counts, items, users),
+                "counts": _counts(con, split_counts, items, n_users),
                 "split": split_info,
                 "skipped": dict(raw.skipped),
                 "repaired": dict(raw.repaired),
@@ -558,8 +560,8 @@ def _catalog(
     return items, images
 
 
-def _map_ids(con: duckdb.DuckDBPyConnection, table: str, items: pd.DataFrame) -> pd.Series:
-    """Create the engine table ``mapped`` (integer ids) and return the user id -> ``user_idx`` map.
+def _map_ids(con: duckdb.DuckDBPyConnection, table: str, items: pd.DataFrame) -> None:
+    """Create the engine tables ``user_map`` (user id -> ``user_idx``) and ``mapped`` (integer ids).
 
     Users are numbered from 1 in sorted id order (byte order of UTF-8, which is code point order, as
     Python sorts strings); items take ``item_idx`` from the catalog.
@@ -578,10 +580,6 @@ def _map_ids(con: duckdb.DuckDBPyConnection, table: str, items: pd.DataFrame) ->
     con.execute(
         f"CREATE TABLE mapped AS SELECT u.user_idx::BIGINT AS user_idx, m.item_idx, t.ts{cols}, t.row "
         f"FROM {table} t JOIN user_map u USING (user_id) JOIN item_map m USING (item_id)"
-    )
-    users = con.execute("SELECT user_id, user_idx FROM user_map ORDER BY user_idx").df()
-    return pd.Series(
-        users["user_idx"].to_numpy(dtype=np.int64), index=users["user_id"].to_numpy(dtype=object)
     )
 
 
@@ -685,31 +683,51 @@ def user_activity(con: duckdb.DuckDBPyConnection, table: str = "labelled") -> pd
     return frame.set_index("user_idx")
 
 
-def _users_table(
-    raw: RawDataset,
-    user_map: pd.Series,
-    con: duckdb.DuckDBPyConnection,
-    split_info: dict,
-    settings: PrepareSettings,
-) -> pd.DataFrame:
-    """One row per user: the source's attributes, the training count and the customer segments."""
-    users = pd.DataFrame({"user_idx": user_map.to_numpy(), "user_id": user_map.index.to_numpy()})
-    if len(raw.users) and "user_id" in raw.users:
-        users = users.merge(raw.users.drop_duplicates("user_id"), on="user_id", how="left")
+def _write_users(
+    con: duckdb.DuckDBPyConnection, raw: RawDataset, path: Path, split_info: dict, settings: PrepareSettings
+) -> int:
+    """Write ``users.parquet``: one row per user, the source's attributes, training count and segments.
+
+    The table is joined in the engine and streamed out; pandas holds only the numeric per-user
+    aggregates and the segment codes. Returns the number of users.
+    """
+    n_users = engine.count(con, "user_map")
     activity = user_activity(con)
-    n_train = np.zeros(len(users) + 1, dtype=np.int64)
-    n_train[activity.index.to_numpy()] = activity["n_train"].to_numpy()
-    users["n_train"] = n_train[1:]
     temporal = split_info["method"] == "temporal"
     train_end = pd.Timestamp(split_info["val_start"]) if temporal else activity["last"].max()
     segs = customer_segments(
-        activity, len(users), train_end, settings.segments.new_days, settings.segments.active_days
+        activity, n_users, train_end, settings.segments.new_days, settings.segments.active_days
     )
-    return users.merge(segs, on="user_idx", how="left")
+    n_train = np.zeros(n_users + 1, dtype=np.int64)
+    n_train[activity.index.to_numpy()] = activity["n_train"].to_numpy()
+    segs.insert(1, "n_train", n_train[segs["user_idx"].to_numpy()])
+    del activity
+    attrs = [c for c in raw.users.columns if c != "user_id"] if "user_id" in raw.users else []
+    con.register("_segs", segs)
+    if attrs:  # the source's attributes (first row per user), joined by raw id
+        con.register("_attrs", raw.users.drop_duplicates("user_id"))
+    try:
+        cols = "".join(f', a."{c}"' for c in attrs)
+        join = "LEFT JOIN _attrs a USING (user_id)" if attrs else ""
+        seg_cols = [c for c in segs.columns if c not in ("user_idx", "lifecycle", "rfm_segment")]
+        query = (
+            f"SELECT m.user_idx::BIGINT AS user_idx, m.user_id{cols}, "
+            + ", ".join(f"s.{c}" for c in seg_cols)
+            + ", s.lifecycle::VARCHAR AS lifecycle, s.rfm_segment::VARCHAR AS rfm_segment "
+            f"FROM user_map m {join} JOIN _segs s USING (user_idx) ORDER BY m.user_idx"
+        )
+        with pq.ParquetWriter(path, con.sql(query).limit(0).to_arrow_table().schema) as writer:
+            for batch in con.sql(query).to_arrow_reader(1 << 20):
+                writer.write_batch(batch)
+    finally:
+        con.unregister("_segs")
+        if attrs:
+            con.unregister("_attrs")
+    return n_users
 
 
 def _counts(
-    con: duckdb.DuckDBPyConnection, split_counts: dict[int, int], items: pd.DataFrame, users: pd.DataFrame
+    con: duckdb.DuckDBPyConnection, split_counts: dict[int, int], items: pd.DataFrame, n_users: int
 ) -> dict[str, int]:
     """The manifest's counts: users, items, interactions per split, cold and image-less items."""
     cold = dict(
@@ -721,7 +739,7 @@ def _counts(
     interacted = int(engine.scalar(con, "SELECT count(DISTINCT item_idx) FROM labelled"))
     per_split = {name: int(split_counts.get(code, 0)) for code, name in enumerate(SPLITS)}
     return {
-        "users": len(users),
+        "users": n_users,
         "items": len(items),
         "interactions": sum(per_split.values()),
         **per_split,
