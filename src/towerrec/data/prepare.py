@@ -44,6 +44,7 @@ from omegaconf import DictConfig
 from towerrec.data.image_cache import build_image_cache
 from towerrec.data.manifest import MANIFEST, read_manifest, verify_processed
 from towerrec.data.schema import DataError, RawDataset
+from towerrec.data.sequences import write_sequences
 from towerrec.data.settings import PREPARE_VERSION, PrepareSettings, SplitSettings, config_hash, rolling_cuts
 from towerrec.fileio import atomic_folder, folder_files, tree_fingerprint, write_json
 
@@ -354,6 +355,7 @@ def _build(settings: PrepareSettings, workers: int) -> None:
     out = settings.processed_dir
     with atomic_folder(out) as tmp:
         table.to_parquet(tmp / "interactions.parquet", index=False)
+        sequences = write_sequences(tmp / "interactions.parquet", tmp)
         train = table[table["split"] == "train"]
         features = _item_files(tmp, items, train, raw, images, settings, workers)
         users = _users_table(raw, user_map, train, split_info, settings)
@@ -369,6 +371,7 @@ def _build(settings: PrepareSettings, workers: int) -> None:
             "sources": raw.sources,
             "counts": _counts(table, items, users),
             "split": split_info,
+            "sequences": sequences,
             "skipped": dict(raw.skipped),
             "repaired": dict(raw.repaired),
             "filtered": {"min_interactions": int(n_filtered)},
