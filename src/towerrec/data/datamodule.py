@@ -413,7 +413,9 @@ class SequenceDataModule(L.LightningDataModule):
 
     def _eval_loader(self, s: EvalSplit) -> DataLoader:
         data = _BatchDataset(row=torch.arange(len(s)), history=s.history, targets=s.targets, seen=s.seen)
-        sampler = EpochBatchSampler(len(data), self.eval_batch_size, False, self.seed, *self._rank())
+        # Every rank scores every user: exact means (the same on each rank) for checkpoint selection, and
+        # no rank without batches to hang the metric's all-reduce.
+        sampler = EpochBatchSampler(len(data), self.eval_batch_size, False, self.seed)
         return DataLoader(data, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
