@@ -119,3 +119,9 @@ def test_one_rank_draws_todays_batches_and_resumes_at_the_next_one():
     assert list(s) == full  # only the resumed epoch skips
     s.resume(2, 5)
     assert list(s) == full  # a position of another epoch is not applied
+
+
+def test_a_folder_without_sequences_is_refused_in_one_line(tmp_path):
+    (tmp_path / "seq_items.npy").write_bytes(b"")  # the others missing, as in a folder of an older prepare
+    with pytest.raises(DataError, match=r"^\S+: no seq_split\.npy \(written by an older towerrec-prepare\); run towerrec-prepare force=true$"):
+        load_sequences(tmp_path)
