@@ -8,6 +8,11 @@ non-padding target positions, which is what the loss sees. The image encoder run
 config default) and frozen (``model.item_tower.image_encoder.trainable=false``, its features cached
 once per item on the first step, shown as "first step s").
 
+Floor: in the same run, the same model's forward and backward (and optimiser step) on batches drawn
+once beforehand and kept as tensors, so the floor row leaves out everything but the modules' own
+work: cutting the windows from the memory-mapped sequences, the DataLoader and the per-step Python
+around them. "step / floor" is the ratio of the two rows' seconds per step.
+
 Epoch: one ``trainer.fit`` with ``max_epochs=1`` (no callbacks, no logger, no checkpoints, no
 progress bar) and a timing hook, split into the training batches and the validation pass.
 
@@ -16,6 +21,8 @@ progress bar) and a timing hook, split into the training batches and the validat
     python scripts/bench_train.py --configs hm_fusion --overrides model.dim=32 --skip-epoch
     python scripts/bench_train.py --configs synthetic --overrides trainer=gpu   # CUDA, bf16-mixed
     python scripts/bench_train.py --threads 2,1      # torch's default intra-op threads vs one
+    python scripts/bench_train.py --configs synthetic --skip-epoch --processed-root /tmp/big \
+        --overrides data.source.n_users=500000 data.source.n_items=50000 data.source.n_interactions=10000000
 
 The data is prepared first when its processed folder is missing or stale, as ``towerrec-train``
 does (``--processed-root`` puts it elsewhere). The machine may be shared: every row carries the
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -95,8 +103,13 @@ class Throughput:
     load: str
 
 
-def time_steps(cfg: DictConfig, name: str, image: str, steps: int, warmup: int) -> Throughput:
-    """Warm-up, then ``steps`` plain training steps; the same work as Lightning's automatic optimisation."""
+def time_steps(cfg: DictConfig, name: str, image: str, steps: int, warmup: int) -> tuple[Throughput, Throughput]:
+    """Warm-up, then ``steps`` plain training steps; the same work as Lightning's automatic optimisation.
+
+    Returns:
+        The step row, and the floor row: the same steps on batches drawn beforehand (see the module
+        docstring), timed right after on the same model.
+    """
     dm, model, _ = build(cfg)
     gpu = cfg.trainer.accelerator in ("gpu", "cuda")
     device = torch.device("cuda" if gpu else "cpu")
@@ -131,9 +144,9 @@ def time_steps(cfg: DictConfig, name: str, image: str, steps: int, warmup: int) 
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(i: int) -> tuple[float, int, int]:
+    def step(i: int, prebuilt: dict | None = None) -> tuple[float, int, int]:
         t = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
+        batch = prebuilt if prebuilt is not None else {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
         data = time.perf_counter() - t
         with autocast:
             loss = model.training_step(batch, i)
@@ -162,7 +175,7 @@ def time_steps(cfg: DictConfig, name: str, image: str, steps: int, warmup: int) 
         pos += p
     sync()
     wall = time.perf_counter() - t
-    return Throughput(
+    row = Throughput(
         config=name,
         image=image,
         steps=steps,
@@ -178,6 +191,21 @@ def time_steps(cfg: DictConfig, name: str, image: str, steps: int, warmup: int) 
         threads=torch.get_num_threads(),
         load=load(),
     )
+    prebuilt = [{k: v.to(device) for k, v in next(it).items()} for _ in range(steps)]
+    sync()
+    seqs = pos = 0
+    t = time.perf_counter()
+    for i, batch in enumerate(prebuilt):
+        _, s, p = step(warmup + steps + i, batch)
+        seqs += s
+        pos += p
+    sync()
+    wall = time.perf_counter() - t
+    floor = dataclasses.replace(
+        row, image=f"{image}, floor", step_s=wall / steps, data_s=0.0, first_step_s=float("nan"),
+        seqs_per_s=seqs / wall, pos_per_s=pos / wall, pos_per_seq=pos / max(seqs, 1), load=load(),
+    )
+    return row, floor
 
 
 class EpochTimer(L.Callback):
@@ -299,7 +327,7 @@ def main() -> None:
                     if not has_image_encoder(cfg) and mode == "frozen":
                         continue
                     label = mode if has_image_encoder(cfg) else "none"
-                    rows.append(time_steps(cfg, name, label, args.steps, args.warmup))
+                    rows.extend(time_steps(cfg, name, label, args.steps, args.warmup))
         print(
             f"\n## Training throughput ({args.steps} timed steps after {args.warmup} warm-up steps, plain loop)\n"
         )
@@ -315,6 +343,10 @@ def main() -> None:
                 f"{r.pos_per_s:,.0f} | {r.pos_per_seq:.1f} | {r.load} |"
             )
         print()
+        for r in rows:
+            floor = next((f for f in rows if f.image == f"{r.image}, floor" and (f.config, f.threads) == (r.config, r.threads)), None)
+            if floor is not None:
+                print(f"- {r.config}, {r.image}, {r.threads} thread(s): step / floor = x{r.step_s / floor.step_s:.2f}")
         for name in configs:
             for n_threads in threads:
                 by = {r.image: r for r in rows if r.config == name and r.threads == n_threads}

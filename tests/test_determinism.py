@@ -1,5 +1,6 @@
 """Real ``towerrec-train`` processes: two seeded runs write identical metrics, and a run killed with
-SIGKILL mid-epoch and resumed from ``last.ckpt`` ends with the metrics of the uninterrupted run."""
+SIGKILL mid-epoch and resumed from ``last.ckpt`` (the epoch's start) or from ``step.ckpt`` (its next
+batch) ends with the metrics of the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ def test_two_seeded_runs_write_identical_metrics(reference):
     assert Path(a["best_checkpoint"]).name == Path(b["best_checkpoint"]).name
 
 
-def _kill_mid_epoch(proc: subprocess.Popen, epoch: int) -> tuple[int, int]:
-    """Read the progress bar until training is inside ``epoch`` (some batches done, not all), then SIGKILL."""
+def _kill_mid_epoch(proc: subprocess.Popen, epoch: int, at_least: int = 1) -> tuple[int, int]:
+    """Read the progress bar until training is inside ``epoch`` (``at_least`` batches done, not all), then SIGKILL."""
     watchdog = threading.Timer(TIMEOUT, proc.kill)
     watchdog.start()
     bar = re.compile(rb"Epoch %d:\s+\d+%%\|[^|]*\|\s*(\d+)/(\d+)" % epoch)
@@ -89,7 +90,7 @@ def _kill_mid_epoch(proc: subprocess.Popen, epoch: int) -> tuple[int, int]:
         while chunk := proc.stdout.read1(4096):
             seen = seen[-4096:] + chunk
             done = [(int(a), int(b)) for a, b in bar.findall(seen)]
-            if done and 0 < done[-1][0] < done[-1][1]:
+            if done and at_least <= done[-1][0] < done[-1][1]:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=60)
                 return done[-1]
@@ -114,5 +115,30 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_metrics(proce
     full, _ = reference
     got = _metrics(run)
     assert got["test"] == full["test"]
+    assert got["val"] == full["val"]
+    assert Path(got["best_checkpoint"]).name == Path(full["best_checkpoint"]).name
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_from_the_step_checkpoint_at_the_next_batch(processed, reference, tmp_path):
+    run = tmp_path / "run"
+    every_step = "callbacks.step_checkpoint.every_n_train_steps=1"
+    proc = _start(processed, run, every_step)
+    step, total = _kill_mid_epoch(proc, epoch=1, at_least=2)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = run / "checkpoints" / "step.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    (loader,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    # Saved inside epoch 1, after some of its batches and before its last: the sampler's place.
+    assert state["epoch"] == 1 and loader["epoch"] == 1 and 0 < loader["batches"] < total, (loader, step, total)
+    assert state["global_step"] == total + loader["batches"]
+
+    resumed = _start(processed, run, every_step, f"ckpt_path={ckpt}")
+    out, _ = resumed.communicate(timeout=TIMEOUT)
+    assert resumed.returncode == 0, out.decode(errors="replace")[-3000:]
+    assert b"not resumable" not in out  # Lightning's warning for a loader that restarts its epoch
+    full, _ = reference
+    got = _metrics(run)
+    assert got["test"] == full["test"]  # to the last digit
     assert got["val"] == full["val"]
     assert Path(got["best_checkpoint"]).name == Path(full["best_checkpoint"]).name

@@ -112,14 +112,25 @@ def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Completed
     return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+#: How far two processes at batch b may land from one process at batch 2b after the same global batches:
+#: each rank's loss sees only its own half of the batch as in-batch negatives and DDP averages the two
+#: halves' mean losses (not the mean over all positions), so the weights differ slightly (measured:
+#: see the README's multi-node section).
+DDP_TOLERANCE = 0.02
+
+
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tiny_processed_dir, tmp_path):
-    args = [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *TINY_TRAIN, f"paths.output_dir={tmp_path}",
-            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    proc = _cli(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["test"]["all"]["users"] > 0
+def test_ddp_two_cpu_processes_match_one_process_at_the_same_global_batch(tiny_processed_dir, tmp_path):
+    base = [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *TINY_TRAIN]
+    two = _cli([*base, f"paths.output_dir={tmp_path / 'two'}", "trainer=ddp", "trainer.accelerator=cpu",
+                "trainer.devices=2", "datamodule.batch_size=16"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _cli([*base, f"paths.output_dir={tmp_path / 'one'}", "datamodule.batch_size=32"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("two", "one"))
+    assert a["test"]["all"]["users"] == b["test"]["all"]["users"] > 0
+    for key in ("recall@20", "ndcg@20"):
+        assert a["test"]["all"][key] == pytest.approx(b["test"]["all"][key], abs=DDP_TOLERANCE), key
 
 
 @pytest.mark.slow

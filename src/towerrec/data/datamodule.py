@@ -19,6 +19,7 @@ from towerrec.data.image_cache import load_image_cache
 from towerrec.data.manifest import load_manifest
 from towerrec.data.schema import DataError
 from towerrec.data.sentence_features import load_sentence_features
+from towerrec.data.sequences import Sequences, load_sequences
 from towerrec.data.splits import EVAL_SPLITS, history_splits
 
 log = logging.getLogger(__name__)
@@ -59,30 +60,140 @@ class _BatchDataset(Dataset):
         return {k: v[idx] for k, v in self.tensors.items()}
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of row indices, shuffled by a generator seeded from ``(seed, epoch)``.
+class WindowDataset(Dataset):
+    """The training windows of :func:`train_windows`, cut from the memory-mapped sequences when a
+    batch is drawn.
 
-    Lightning calls :meth:`set_epoch` before each epoch, so the order of an epoch is the same
-    whether or not the run was resumed from a checkpoint.
+    Window ``w`` is the ``j``-th window from the end of user ``u``'s fit sequence, where
+    ``win_start[u] <= w < win_start[u + 1]`` and ``j = w - win_start[u]``; only per-user arrays are
+    held (``(U + 2,)`` int64), never the windows.
+
+    Args:
+        items: ``(N,)`` item ids of all users, user by user (memory-mapped).
+        start: ``(U + 1,)`` each user's first position.
+        end: ``(U + 1,)`` where each user's fit positions end (a time-ordered prefix of the user).
+        max_len: positions per window.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    def __init__(self, items: np.ndarray, start: np.ndarray, end: np.ndarray, max_len: int) -> None:
+        self.items, self.max_len = items, max_len
+        self.start = np.asarray(start, dtype=np.int64)
+        self.pairs = np.maximum(np.asarray(end, dtype=np.int64) - self.start - 1, 0)  # next-item pairs per user
+        self.win_start = np.zeros(len(self.start) + 1, dtype=np.int64)
+        np.cumsum((self.pairs + max_len - 1) // max_len, out=self.win_start[1:])
+
+    def __len__(self) -> int:
+        return int(self.win_start[-1])
+
+    def windows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(B,)`` window indices -> inputs, targets ``(B, max_len)`` int64, right-aligned, 0-padded."""
+        rows = np.asarray(rows, dtype=np.int64)
+        user = np.searchsorted(self.win_start, rows, side="right") - 1
+        start = self.start[user]
+        end = start + self.pairs[user] - (rows - self.win_start[user]) * self.max_len  # one past the last input
+        pos = end[:, None] - self.max_len + np.arange(self.max_len)  # (B, L)
+        valid = pos >= start[:, None]
+        pos = np.where(valid, pos, start[:, None])
+        inputs = np.where(valid, self.items[pos], 0).astype(np.int64)
+        targets = np.where(valid, self.items[pos + 1], 0).astype(np.int64)
+        return inputs, targets
+
+    def __getitem__(self, rows: list[int]) -> dict[str, Tensor]:
+        x, y = self.windows(np.asarray(rows, dtype=np.int64))
+        return {"inputs": torch.from_numpy(x), "targets": torch.from_numpy(y)}
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """Every window at once (``inputs``, ``targets``): for tests and small data only."""
+        return self[np.arange(len(self))]
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of row indices, shuffled by a generator seeded from ``(seed, epoch)``, sharded over
+    ranks, and resumable inside an epoch.
+
+    Each epoch is one permutation of the rows (``torch.randperm``, seeded by ``(seed, epoch)``), cut
+    into global batches of ``batch_size * world_size`` rows; rank ``r`` takes the ``r``-th equal part
+    of each. So the ranks' batches are disjoint, every rank draws the same number of batches, and a
+    run on ``W`` processes at ``batch_size`` trains on the same global batches as one process at
+    ``W * batch_size``. When ``W`` does not divide the number of rows, the last ``n % W`` rows of the
+    epoch's permutation are left out of that epoch (the next epoch's permutation differs).
+
+    Lightning calls :meth:`set_epoch` before each epoch, so the order of an epoch is the same whether
+    or not the run was resumed; :meth:`resume` skips the batches a checkpoint had already trained on.
+    Evaluation (``shuffle=False``) shards whole batches round-robin instead, and is never resumed.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already drawn in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume(self, epoch: int, batches: int) -> None:
+        """Start epoch ``epoch`` at its batch ``batches`` (the next iteration of that epoch only)."""
+        self._resume = (epoch, batches)
+
     def __len__(self) -> int:
-        return (self.n + self.batch_size - 1) // self.batch_size
+        if not self.shuffle:
+            total = (self.n + self.batch_size - 1) // self.batch_size
+            return len(range(self.rank, total, self.world_size))
+        per_rank = self.n // self.world_size
+        return (per_rank + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        yield from (order[i : i + self.batch_size].tolist() for i in range(0, self.n, self.batch_size))
+        skip = 0
+        if self._resume is not None:
+            if self._resume[0] == self.epoch:
+                skip = self._resume[1]
+            self._resume = None
+        if not self.shuffle:
+            total = (self.n + self.batch_size - 1) // self.batch_size
+            for b in range(self.rank, total, self.world_size):
+                yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.n)))
+            return
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        per_rank, w = self.n // self.world_size, self.world_size
+        for i in range(skip * self.batch_size, per_rank, self.batch_size):
+            size = min(self.batch_size, per_rank - i)  # this batch's rows per rank
+            lo = i * w + self.rank * size
+            yield order[lo : lo + size].tolist()
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader whose ``state_dict`` is where its epoch stands (Lightning stores it in every
+    checkpoint and hands it back on resume, see ``FitLoop.on_save_checkpoint``).
+
+    Args:
+        done: returns the batches of the current epoch already trained on (the trainer's count, not
+            the sampler's, which runs ahead by the batches prefetched).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, done, **kwargs) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=None, **kwargs)
+        self._done = done
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {"epoch": s.epoch, "batches": int(self._done()), "rows": s.n, "global_batch": s.batch_size * s.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.sampler
+        if (state.get("rows"), state.get("global_batch")) != (s.n, s.batch_size * s.world_size):
+            raise DataError(
+                f"resume: the checkpoint's epoch has {state.get('rows')} windows in global batches of "
+                f"{state.get('global_batch')}, this run {s.n} in batches of {s.batch_size} x {s.world_size} "
+                "processes; resume with the same data, datamodule.batch_size and number of processes"
+            )
+        s.resume(int(state["epoch"]), int(state["batches"]))
 
 
 def _pad_groups(group: np.ndarray, values: np.ndarray, width: int, align: str) -> np.ndarray:
@@ -195,7 +306,7 @@ class SequenceDataModule(L.LightningDataModule):
             return
         d = self.processed_dir
         self.manifest = load_manifest(d)  # raises a one-line DataError unless the folder is complete
-        self.interactions = pd.read_parquet(d / "interactions.parquet")
+        self.sequences = load_sequences(d)  # memory-mapped: nothing per interaction is read here
         self.items = pd.read_parquet(d / "items.parquet")
         self.users = pd.read_parquet(d / "users.parquet")
         cold = np.r_[True, self.items["is_cold"].to_numpy()]
@@ -216,15 +327,24 @@ class SequenceDataModule(L.LightningDataModule):
             text_buckets=int(self.manifest["features"]["text_buckets"]),
             sentence=sentence,
         )
-        split = self.interactions["split"].to_numpy()
-        tr = self.interactions[np.isin(split, self.fit_splits)]
-        self.model_features = self.item_features if self.fit_splits == ("train",) else _fit_features(self.item_features, tr)
-        x, y = train_windows(tr["user_idx"].to_numpy(), tr["item_idx"].to_numpy(), self.max_len)
-        self.train_data = _BatchDataset(inputs=torch.from_numpy(x), targets=torch.from_numpy(y))
+        seq = self.sequences
+        fit_end = seq.end_of(self.fit_splits)
+        self.model_features = (
+            self.item_features if self.fit_splits == ("train",) else _fit_features(self.item_features, seq, fit_end)
+        )
+        self.train_data = WindowDataset(seq.items, seq.start(), fit_end, self.max_len)
         self.val_split = self._eval_split("val")
         self.test_split = self._eval_split("test")
         self._loaded = True
-        log.info("train windows %d, val users %d, test users %d", len(x), len(self.val_split), len(self.test_split))
+        log.info("train windows %d, val users %d, test users %d", len(self.train_data), len(self.val_split), len(self.test_split))
+
+    @property
+    def interactions(self) -> pd.DataFrame:
+        """The whole ``interactions.parquet`` as a DataFrame, read on first use (the baselines' input;
+        training and evaluation of the model read the memory-mapped sequences instead)."""
+        if getattr(self, "_interactions", None) is None:
+            self._interactions = pd.read_parquet(self.processed_dir / "interactions.parquet")
+        return self._interactions
 
     @property
     def meta(self) -> dict:
@@ -247,74 +367,141 @@ class SequenceDataModule(L.LightningDataModule):
             raise ValueError(f"unknown evaluation split {name!r}: expected one of {list(EVAL_SPLITS)}")
         return getattr(self, f"{name}_split")
 
-    def _eval_split(self, name: str) -> EvalSplit:
-        inter = self.interactions
-        split = inter["split"].to_numpy()
-        held = inter[split == name].drop_duplicates(["user_idx", "item_idx"])  # distinct targets
-        users = np.unique(held["user_idx"].to_numpy())
-        code = pd.Series(np.arange(len(users)), index=users)
-        hist = inter[np.isin(split, history_splits(name)) & inter["user_idx"].isin(users).to_numpy()]
-        hcode = code.loc[hist["user_idx"].to_numpy()].to_numpy()
-        hitems = hist["item_idx"].to_numpy()
-        tcode = code.loc[held["user_idx"].to_numpy()].to_numpy()
-        n_t = np.bincount(tcode, minlength=len(users))
-        if (n_t > self.max_targets).any():
-            log.warning("%s: %d users have more than %d targets; extra targets dropped", name, int((n_t > self.max_targets).sum()), self.max_targets)
-        width = int(min(max(n_t.max(initial=1), 1), self.max_targets))
-        history = _pad_groups_full(hcode, hitems, len(users), self.max_history, "right")
-        targets = _pad_groups_full(tcode, held["item_idx"].to_numpy(), len(users), width, "left")
-        hlen = np.bincount(hcode, minlength=len(users))
-        seen = None
-        if self.mask_seen:
-            seen_w = int(max(hlen.max(initial=1), 1))
-            seen = torch.from_numpy(_pad_groups_full(hcode, hitems, len(users), seen_w, "left"))
+    def _eval_split(self, name: str, chunk_users: int = 65536) -> EvalSplit:
+        """Histories, targets (and seen items) of every user with an interaction in ``name``, read from
+        the memory-mapped sequences ``chunk_users`` users at a time."""
+        seq = self.sequences
+        lo, hi = seq.block(name)
+        users = np.flatnonzero(hi > lo).astype(np.int64)  # user 0 holds nothing
+        start = np.asarray(seq.start())[users]
+        hist_end = np.asarray(seq.end_of(history_splits(name)))[users]
+        hlen = hist_end - start
+        parts: dict[str, list[np.ndarray]] = {"history": [], "targets": [], "seen": []}
+        n_dropped = 0
+        for c in range(0, len(users), chunk_users):
+            sl = slice(c, c + chunk_users)
+            parts["history"].append(_last_items(seq.items, start[sl], hist_end[sl], self.max_history))
+            targets, n_t = _distinct_items(seq.items, lo[users[sl]], hi[users[sl]], self.max_targets)
+            parts["targets"].append(targets)
+            n_dropped += int((n_t > self.max_targets).sum())
+            if self.mask_seen:
+                seen_w = int(max(hlen[sl].max(initial=1), 1))
+                parts["seen"].append(_first_items(seq.items, start[sl], hist_end[sl], seen_w))
+        if n_dropped:
+            log.warning("%s: %d users have more than %d targets; extra targets dropped", name, n_dropped, self.max_targets)
         seg = self.users.set_index("user_idx").reindex(users).reset_index()
         return EvalSplit(
             name=name,
-            user_idx=torch.from_numpy(users.astype(np.int64)),
-            history=torch.from_numpy(history),
+            user_idx=torch.from_numpy(users),
+            history=torch.from_numpy(_stack(parts["history"], self.max_history)),
             history_len=torch.from_numpy(hlen.astype(np.int64)),
-            targets=torch.from_numpy(targets),
-            seen=seen,
+            targets=torch.from_numpy(_stack(parts["targets"], 1)),
+            seen=torch.from_numpy(_stack(parts["seen"], 1)) if self.mask_seen else None,
             users=seg,
             n_train_users=int((self.users["n_train"] > 0).sum()),
         )
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            data,
-            sampler=EpochBatchSampler(len(data), batch_size, shuffle, self.seed),
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _rank(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def _eval_dataset(self, s: EvalSplit) -> Dataset:
-        return _BatchDataset(row=torch.arange(len(s)), history=s.history, targets=s.targets, seen=s.seen)
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch the trainer has trained on (0 without a trainer)."""
+        t = self.trainer
+        return t.fit_loop.epoch_loop.batch_progress.current.processed if t is not None else 0
+
+    def _eval_loader(self, s: EvalSplit) -> DataLoader:
+        data = _BatchDataset(row=torch.arange(len(s)), history=s.history, targets=s.targets, seen=s.seen)
+        # Every rank scores every user: exact means (the same on each rank) for checkpoint selection, and
+        # no rank without batches to hang the metric's all-reduce.
+        sampler = EpochBatchSampler(len(data), self.eval_batch_size, False, self.seed)
+        return DataLoader(data, sampler=sampler, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.batch_size, shuffle=True)
+        sampler = EpochBatchSampler(len(self.train_data), self.batch_size, True, self.seed, *self._rank())
+        return _ResumableLoader(self.train_data, sampler, self._trained_batches, num_workers=self.num_workers,
+                                persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._eval_dataset(self.val_split), self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.val_split)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._eval_dataset(self.test_split), self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.test_split)
 
 
-def _fit_features(features: ItemFeatures, fit: pd.DataFrame) -> ItemFeatures:
-    """``features`` with the warm/cold flags and counts of the interactions ``fit`` the model trains on."""
+def _fit_features(features: ItemFeatures, seq: Sequences, fit_end: np.ndarray, chunk_users: int = 65536) -> ItemFeatures:
+    """``features`` with the warm/cold flags and counts of the fit positions (each user's
+    ``start:fit_end``), counted ``chunk_users`` users at a time."""
     n = features.num_items + 1
-    count = np.bincount(fit["item_idx"].to_numpy(), minlength=n)
-    users = np.bincount(fit.drop_duplicates(["user_idx", "item_idx"])["item_idx"].to_numpy(), minlength=n)
+    count = np.zeros(n, dtype=np.int64)
+    users = np.zeros(n, dtype=np.int64)
+    start = np.asarray(seq.start())
+    for c in range(0, len(start), chunk_users):
+        lo, hi = start[c : c + chunk_users], fit_end[c : c + chunk_users]
+        if hi.sum() == lo.sum():
+            continue
+        items = np.asarray(seq.items[lo[0] : hi[-1]])  # the chunk's users are contiguous
+        row = np.repeat(np.arange(len(lo)), hi - lo)
+        pos = _ranges(lo - lo[0], hi - lo[0])
+        item = items[pos].astype(np.int64)
+        count += np.bincount(item, minlength=n)
+        users += np.bincount(np.unique(row * n + item) % n, minlength=n)
     count[0] = users[0] = 0
     return dataclasses.replace(
         features,
         is_cold=torch.from_numpy(count == 0),
-        train_count=torch.from_numpy(count.astype(np.int64)),
-        train_users=torch.from_numpy(users.astype(np.int64)),
+        train_count=torch.from_numpy(count),
+        train_users=torch.from_numpy(users),
     )
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The concatenated positions ``lo[i]:hi[i]`` of every row ``i``."""
+    size = hi - lo
+    return np.repeat(lo - np.r_[0, np.cumsum(size)[:-1]], size) + np.arange(int(size.sum()))
+
+
+def _last_items(items: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
+    """``(U, width)`` int64: each row's last ``width`` items of ``items[lo:hi]``, right-aligned, 0-padded."""
+    pos = hi[:, None] - width + np.arange(width)
+    valid = pos >= lo[:, None]
+    return np.where(valid, items[np.where(valid, pos, 0)], 0).astype(np.int64)
+
+
+def _first_items(items: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
+    """``(U, width)`` int64: each row's first ``width`` items of ``items[lo:hi]``, left-aligned, 0-padded."""
+    pos = lo[:, None] + np.arange(width)
+    valid = pos < hi[:, None]
+    return np.where(valid, items[np.where(valid, pos, 0)], 0).astype(np.int64)
+
+
+def _distinct_items(items: np.ndarray, lo: np.ndarray, hi: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's distinct items of ``items[lo:hi]`` in order of first appearance, at most ``cap``.
+
+    Returns:
+        ``(U, W)`` int64 left-aligned and 0-padded (``W`` the chunk's widest row, at most ``cap``),
+        and ``(U,)`` the number of distinct items of each row before the cap.
+    """
+    size = hi - lo
+    pos = _ranges(lo, hi)
+    row = np.repeat(np.arange(len(lo)), size)
+    item = np.asarray(items[pos]).astype(np.int64)
+    key = row * (int(item.max(initial=0)) + 1) + item
+    _, first = np.unique(key, return_index=True)
+    first.sort()  # keeps rows in order, and within a row the order of first appearance
+    n_t = np.bincount(row[first], minlength=len(lo))
+    width = int(min(max(n_t.max(initial=1), 1), cap))
+    return _pad_groups_full(row[first], item[first], len(lo), width, "left"), n_t
+
+
+def _stack(parts: list[np.ndarray], min_width: int) -> np.ndarray:
+    """Row-stack ``(U_i, W_i)`` chunks, right-padding each with 0 to the widest."""
+    if not parts:
+        return np.zeros((0, min_width), dtype=np.int64)
+    width = max(max(p.shape[1] for p in parts), min_width)
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts])
 
 
 def _pad_groups_full(code: np.ndarray, values: np.ndarray, n_groups: int, width: int, align: str) -> np.ndarray:

@@ -54,6 +54,7 @@ from towerrec.data import engine
 from towerrec.data.image_cache import build_image_cache
 from towerrec.data.manifest import MANIFEST, read_manifest, verify_processed
 from towerrec.data.schema import DataError, RawDataset
+from towerrec.data.sequences import write_sequences
 from towerrec.data.settings import (
     PREPARE_VERSION,
     PrepareSettings,
@@ -96,6 +97,7 @@ def is_up_to_date(data: PrepareSettings | DictConfig) -> bool:
     manifest = read_manifest(settings.processed_dir)
     return (
         manifest is not None
+        and "sequences" in manifest  # folders from before the memory-mapped sequences are rebuilt
         and manifest.get("config_hash") == settings.config_hash
         and manifest.get("inputs") == tree_fingerprint(settings.root)
         and verify_processed(settings.processed_dir, manifest) is None
@@ -446,7 +448,9 @@ def _build(settings: PrepareSettings, workers: int) -> None:
         raw = _load(settings, con)
         table = _interactions_table(con, raw)
         if list(raw.users.columns) == ["user_id"]:
-            raw.users = raw.users.iloc[:0]  # ids only (the generator's): user_map has them; free millions of strings
+            raw.users = raw.users.iloc[
+                :0
+            ]  # ids only (the generator's): user_map has them; free millions of strings
 
         def step(result: tuple[str, Any]) -> Any:
             """Keep the step's table, drop the one it replaces (they are as large as the data)."""
@@ -484,6 +488,7 @@ def _build(settings: PrepareSettings, workers: int) -> None:
                     )
         with atomic_folder(out) as tmp:
             _write_interactions(con, tmp / "interactions.parquet")
+            sequences = write_sequences(tmp / "interactions.parquet", tmp)
             features = _item_files(tmp, items, con, raw, images, settings, workers)
             n_users = _write_users(con, raw, tmp / "users.parquet", split_info, settings)
             manifest = {
@@ -497,6 +502,7 @@ def _build(settings: PrepareSettings, workers: int) -> None:
                 "sources": raw.sources,
                 "counts": _counts(con, split_counts, items, n_users),
                 "split": split_info,
+                "sequences": sequences,
                 "skipped": dict(raw.skipped),
                 "repaired": dict(raw.repaired),
                 "filtered": {"min_interactions": int(n_filtered)},

@@ -1,0 +1,163 @@
+"""The interactions as flat, memory-mappable sequences (in the spirit of nanoGPT's token files).
+
+``towerrec-prepare`` streams ``interactions.parquet`` (sorted by user, then time) into::
+
+    seq_items.npy       (N,) int32   item ids of all interactions, user by user, oldest first
+    seq_split.npy       (N,) int8    split code per position: 0 train, 1 val, 2 test
+    seq_offsets.npy     (U + 2,) int64   user ``u`` holds positions ``offsets[u]:offsets[u + 1]``
+                                         (``u`` from 1; user 0 is padding and holds none)
+    seq_split_ends.npy  (U + 1, 3) int64 where user ``u``'s train, val and test positions end
+
+Within a user the splits follow in time order (train, then val, then test: both split methods cut
+time), so split ``k`` of user ``u`` is the slice ``ends[u, k - 1]:ends[u, k]`` (``offsets[u]`` for
+``k = 0``), and the history of a split is a prefix of the user's sequence. The DataModule maps these
+files (:func:`load_sequences`); nothing that grows with the number of interactions is read into a
+process, and the processes of one machine share the pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from towerrec.data.schema import DataError
+
+#: Split name -> the code stored in ``seq_split.npy``.
+SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+FILES = ("seq_items.npy", "seq_split.npy", "seq_offsets.npy", "seq_split_ends.npy")
+_BATCH_ROWS = 1 << 20
+
+
+def _split_codes(column: pa.Array, path: Path) -> np.ndarray:
+    """``split`` strings (plain or dictionary-encoded) -> int8 codes; a one-line error for others."""
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    if column.null_count:
+        raise DataError(f"{path}: column split has {column.null_count} empty values")
+    names = column.dictionary.to_pylist()
+    unknown = sorted(set(names) - set(SPLIT_CODES))
+    if unknown:
+        raise DataError(f"{path}: column split has {unknown}, expected train, val or test")
+    lut = np.array([SPLIT_CODES[n] for n in names], dtype=np.int8)
+    return lut[column.indices.to_numpy(zero_copy_only=False)]
+
+
+def write_sequences(interactions_parquet: Path, out_dir: Path) -> dict:
+    """Stream ``interactions_parquet`` (sorted by user, then time) into the ``seq_*.npy`` files of ``out_dir``.
+
+    Reads about a million rows at a time, so memory stays flat in the number of interactions (the
+    per-user arrays grow with the users).
+
+    Returns:
+        The manifest's ``sequences`` entry: the files, positions, users and the split codes.
+
+    Raises:
+        DataError: rows not sorted by user, a user whose splits are not in time order (train, val,
+            test), an id out of range or an unknown split name.
+    """
+    path, out = Path(interactions_parquet), Path(out_dir)
+    pf = pq.ParquetFile(path)
+    n = pf.metadata.num_rows
+    items = np.lib.format.open_memmap(out / "seq_items.npy", mode="w+", dtype=np.int32, shape=(n,))
+    split = np.lib.format.open_memmap(out / "seq_split.npy", mode="w+", dtype=np.int8, shape=(n,))
+    counts = np.zeros((1024, 3), dtype=np.int64)  # (user, split) -> positions, grown as users appear
+    pos, last_user, last_code, max_item = 0, 0, 0, 0
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["user_idx", "item_idx", "split"]):
+        user = batch.column("user_idx").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        item = batch.column("item_idx").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        code = _split_codes(batch.column("split"), path)
+        m = len(user)
+        if m == 0:
+            continue
+        if user.min() < 1 or item.min() < 1 or item.max() >= 2**31:
+            raise DataError(f"{path}: user_idx and item_idx must be ids from 1 (0 is padding) below 2**31")
+        prev_user = np.r_[last_user, user[:-1]]
+        prev_code = np.r_[last_code, code[:-1]]
+        if (user < prev_user).any():
+            row = pos + int(np.flatnonzero(user < prev_user)[0])
+            raise DataError(f"{path}: row {row}: interactions are not sorted by user_idx")
+        if ((user == prev_user) & (code < prev_code)).any():
+            row = pos + int(np.flatnonzero((user == prev_user) & (code < prev_code))[0])
+            raise DataError(f"{path}: row {row}: user {int(user[row - pos])}'s splits are not in time order (train, val, test)")
+        top = int(user[-1])
+        if top >= len(counts):
+            counts = np.concatenate([counts, np.zeros((max(top + 1, 2 * len(counts)) - len(counts), 3), np.int64)])
+        _add_counts(counts, user, code)
+        items[pos : pos + m] = item
+        split[pos : pos + m] = code
+        pos += m
+        last_user, last_code, max_item = top, int(code[-1]), max(max_item, int(item.max()))
+    items.flush()
+    split.flush()
+    del items, split
+    n_users = last_user
+    counts = counts[: n_users + 1]
+    offsets = np.zeros(n_users + 2, dtype=np.int64)
+    np.cumsum(counts.sum(axis=1), out=offsets[1:])
+    ends = offsets[:-1, None] + np.cumsum(counts, axis=1)  # (U + 1, 3)
+    np.save(out / "seq_offsets.npy", offsets)
+    np.save(out / "seq_split_ends.npy", ends)
+    return {
+        "files": list(FILES),
+        "positions": int(n),
+        "users": int(n_users),
+        "max_item": int(max_item),
+        "split_codes": dict(SPLIT_CODES),
+    }
+
+
+def _add_counts(counts: np.ndarray, user: np.ndarray, code: np.ndarray) -> None:
+    """``counts[user, code] += 1`` for every row, with one bincount."""
+    lo, hi = int(user[0]), int(user[-1]) + 1  # sorted: the batch's users are lo..hi-1
+    flat = np.bincount((user - lo) * 3 + code, minlength=(hi - lo) * 3)
+    counts[lo:hi] += flat.reshape(hi - lo, 3)
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """The memory-mapped ``seq_*`` arrays of one processed folder (see the module docstring)."""
+
+    items: np.ndarray  # (N,) int32, memory-mapped
+    split: np.ndarray  # (N,) int8, memory-mapped
+    offsets: np.ndarray  # (U + 2,) int64
+    ends: np.ndarray  # (U + 1, 3) int64
+
+    @property
+    def n_users(self) -> int:
+        return len(self.offsets) - 2
+
+    def start(self) -> np.ndarray:
+        """``(U + 1,)`` each user's first position."""
+        return self.offsets[:-1]
+
+    def end_of(self, splits: tuple[str, ...] | list[str]) -> np.ndarray:
+        """``(U + 1,)`` where each user's positions of ``splits`` (a time-ordered prefix) end."""
+        codes = sorted(SPLIT_CODES[s] for s in splits)
+        if codes != list(range(len(codes))):
+            raise ValueError(f"splits {list(splits)} are not a prefix of train, val, test")
+        return self.ends[:, codes[-1]]
+
+    def block(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(U + 1,)`` start and end of each user's positions of split ``name``."""
+        k = SPLIT_CODES[name]
+        lo = self.offsets[:-1] if k == 0 else self.ends[:, k - 1]
+        return lo, self.ends[:, k]
+
+
+def load_sequences(processed_dir: str | Path) -> Sequences:
+    """Map the ``seq_*`` files of ``processed_dir`` (read-only; the item and split arrays stay on disk)."""
+    d = Path(processed_dir)
+    missing = [f for f in FILES if not (d / f).is_file()]
+    if missing:
+        raise DataError(f"{d}: no {missing[0]} (written by an older towerrec-prepare); run towerrec-prepare force=true")
+    return Sequences(
+        items=np.load(d / "seq_items.npy", mmap_mode="r"),
+        split=np.load(d / "seq_split.npy", mmap_mode="r"),
+        offsets=np.load(d / "seq_offsets.npy", mmap_mode="r"),
+        ends=np.load(d / "seq_split_ends.npy", mmap_mode="r"),
+    )
