@@ -98,18 +98,31 @@ def test_sighup_replaces_both_workers_and_every_request_is_answered(two_workers)
     assert "Received SIGHUP, restarting processes." in two_workers.log.read_text()
 
 
-def test_histories_sent_in_requests_never_reach_the_log(two_workers, serve_exports):
+@pytest.fixture(params=[1, 2], ids=["one_process", "two_workers"])
+def fresh_server(request, serve_exports, tmp_path):
+    """A server with its own log: one process (towerrec's own log lines show) or the two workers."""
+    if request.param == 2:
+        return request.getfixturevalue("two_workers")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONUNBUFFERED", "1")
+        srv = Server(serve_exports["flat"], "--log-level", "debug", log=tmp_path / "server.log")
+    request.addfinalizer(srv.stop)
+    return srv.wait_ready()
+
+
+def test_histories_sent_in_requests_never_reach_the_log(fresh_server, serve_exports):
+    server = fresh_server
     items = load_export(serve_exports["flat"]).items["item_id"].tolist()
     history = items[60:63]  # ids no URL of these tests names
     secret = "NOT_AN_ITEM_7f3a91"  # unknown: the 404 names it to the client, the log must not
-    ok = httpx.post(f"{two_workers.url}/v1/recommend", json={"history": history, "k": 5}, timeout=120)
+    ok = httpx.post(f"{server.url}/v1/recommend", json={"history": history, "k": 5}, timeout=120)
     assert ok.status_code == 200
-    bad = httpx.post(f"{two_workers.url}/v1/recommend", json={"history": [history[0], secret], "k": 5}, timeout=120)
+    bad = httpx.post(f"{server.url}/v1/recommend", json={"history": [history[0], secret], "k": 5}, timeout=120)
     assert bad.status_code == 404 and secret in bad.text
-    batch = httpx.post(f"{two_workers.url}/v1/recommend/batch", json={"queries": [{"history": history, "k": 3}]}, timeout=120)
+    batch = httpx.post(f"{server.url}/v1/recommend/batch", json={"queries": [{"history": history, "k": 3}]}, timeout=120)
     assert batch.status_code == 200
-    two_workers.stop()  # the workers flush and exit: the log is complete
-    log = two_workers.log.read_text()
+    server.stop()  # the processes flush and exit: the log is complete
+    log = server.log.read_text()
     assert "POST /v1/recommend" in log  # the access log is on: the history's absence means something
     for item_id in [*history, secret]:
         assert item_id not in log, f"{item_id} is in the server log"
