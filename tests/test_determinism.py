@@ -104,6 +104,7 @@ def _step_gradients(cfg, repeats: int) -> int:
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: the CPU gather's backward is ordered anyway")
+@pytest.mark.slow
 def test_at_this_size_only_the_deterministic_setting_makes_a_training_step_repeatable(processed, tmp_path):
     cfg = compose_cfg("train", [*ARGS, f"data.processed_dir={processed}"], tmp_path)
     try:

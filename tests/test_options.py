@@ -37,13 +37,16 @@ def _lr_logged(text: str) -> bool:
 
 @pytest.mark.parametrize(
     "logger",
-    [
-        "none",
+    [  # the default (csv) in the quick subset, the others with -m slow
+        pytest.param("none", marks=pytest.mark.slow),
         "csv",
-        "tensorboard",
+        pytest.param("tensorboard", marks=pytest.mark.slow),
         pytest.param(
             "mlflow",
-            marks=pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason='needs the extra: pip install -e ".[mlflow]"'),
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason='needs the extra: pip install -e ".[mlflow]"'),
+            ],
         ),
     ],
 )
@@ -118,6 +121,7 @@ def _resnet18(model):
     ],
     ids=["gru_dim32", "no_image", "resnet18_local_weights", "gpu"],
 )
+@pytest.mark.slow
 def test_readme_training_examples(line, took_effect, tiny_processed_dir, tmp_path):
     line = [o.replace("WEIGHTS", str(_resnet18_state(tmp_path / "resnet18.pth"))) for o in line]
     # The line picks or drops the image encoder, so the small CNN's tiny width does not apply.
@@ -130,6 +134,7 @@ def test_readme_training_examples(line, took_effect, tiny_processed_dir, tmp_pat
         took_effect(model)
 
 
+@pytest.mark.slow
 def test_export_line_then_query_lines(tiny_train_cfg, tmp_path, capsys):
     metrics = train(tiny_train_cfg())
     out = tmp_path / "exports" / "hnsw"

@@ -114,6 +114,7 @@ def test_gallery_shows_an_item_and_its_similar_items(server, tmp_path):
 
 
 @needs_browser
+@pytest.mark.slow
 def test_gallery_recommend_box(server):
     ids = httpx.get(f"{server.url}/v1/export").json()["example_item_ids"][:2]
     api = httpx.post(f"{server.url}/v1/recommend", json={"history": ids, "k": 12}, timeout=60).json()
@@ -288,6 +289,7 @@ def check_cards_drawn(browser: Chromium, n: int) -> None:
 
 
 @needs_browser
+@pytest.mark.slow
 def test_gallery_forms_typed_and_clicked_show_result_cards(server, chromium):
     ids = httpx.get(f"{server.url}/v1/export").json()["example_item_ids"]
     chromium.goto(f"{server.url}/")

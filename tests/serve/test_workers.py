@@ -52,6 +52,7 @@ def two_workers(serve_exports, tmp_path_factory):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP") or not Path("/proc").is_dir(), reason="needs POSIX signals and /proc")
+@pytest.mark.slow
 def test_sighup_replaces_both_workers_and_every_request_is_answered(two_workers):
     ids = httpx.get(f"{two_workers.url}/v1/export").json()["example_item_ids"]
     before = workers(two_workers.proc.pid)
@@ -110,6 +111,7 @@ def fresh_server(request, serve_exports, tmp_path):
     return srv.wait_ready()
 
 
+@pytest.mark.slow
 def test_histories_sent_in_requests_never_reach_the_log(fresh_server, serve_exports):
     server = fresh_server
     items = load_export(serve_exports["flat"]).items["item_id"].tolist()
