@@ -1,6 +1,11 @@
-"""Real ``towerrec-train`` processes: two seeded runs write identical metrics, and a run killed with
-SIGKILL mid-epoch and resumed from ``last.ckpt`` (the epoch's start) or from ``step.ckpt`` (its next
-batch) ends with the metrics of the uninterrupted run."""
+"""Real ``towerrec-train`` processes: two seeded runs write identical metrics and weights, and a run
+killed with SIGKILL mid-epoch and resumed from ``last.ckpt`` (the epoch's start) or from ``step.ckpt``
+(its next batch) ends with the metrics of the uninterrupted run.
+
+The equality means something: at this size, with ``trainer.deterministic=false``, the training
+step's gradients differ from one repeat to the next in one process, and two runs end with different
+weights (both shown below).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from conftest import TINY_DATA, compose_cfg
 
 from towerrec.data.prepare import ensure_prepared
+from towerrec.train import build
 
 #: Tiny data, but batches large enough (64 windows x 20 positions x 32 dims) that the backward of
 #: the history gather runs on both threads, where its order is not fixed without
@@ -62,14 +68,53 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def reference(processed, tmp_path_factory) -> tuple[dict, dict]:
+def _weights(metrics: dict) -> dict[str, torch.Tensor]:
+    return torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _pair(processed: Path, root: Path, *extra: str) -> tuple[dict, dict]:
     """Two uninterrupted runs of one command, run side by side."""
-    root = tmp_path_factory.mktemp("ref")
-    procs = [_start(processed, root / name) for name in ("a", "b")]
+    procs = [_start(processed, root / name, *extra) for name in ("a", "b")]
     for proc in procs:
         _finish(proc)
     return _metrics(root / "a"), _metrics(root / "b")
+
+
+@pytest.fixture(scope="module")
+def reference(processed, tmp_path_factory) -> tuple[dict, dict]:
+    return _pair(processed, tmp_path_factory.mktemp("ref"))
+
+
+def _step_gradients(cfg, repeats: int) -> int:
+    """How many distinct item-tower gradients ``repeats`` backward passes of one training batch give."""
+    dm, model, _ = build(cfg)
+    model.attach_features(dm.model_features)  # what setup() does under a Trainer
+    batch = next(iter(dm.train_dataloader()))
+    seen = set()
+    for _ in range(repeats):
+        torch.manual_seed(0)  # the same uniform negatives and dropout each time
+        model.zero_grad()
+        model.training_step(batch, 0).backward()
+        seen.add(b"".join(p.grad.numpy().tobytes() for p in model.item_tower.parameters() if p.grad is not None))
+    return len(seen)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: the CPU gather's backward is ordered anyway")
+@pytest.mark.slow
+def test_at_this_size_only_the_deterministic_setting_makes_a_training_step_repeatable(processed, tmp_path):
+    cfg = compose_cfg("train", [*ARGS, f"data.processed_dir={processed}"], tmp_path)
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert _step_gradients(cfg, repeats=8) > 1  # the backward of hist_emb[inv] adds in thread order
+        torch.use_deterministic_algorithms(True)  # what trainer.deterministic=true sets
+        assert _step_gradients(cfg, repeats=8) == 1
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.slow
@@ -78,6 +123,14 @@ def test_two_seeded_runs_write_identical_metrics(reference):
     assert a["test"] == b["test"]  # every slice and metric, to the last digit
     assert a["val"] == b["val"]
     assert Path(a["best_checkpoint"]).name == Path(b["best_checkpoint"]).name
+    assert _same_weights(a, b)  # every weight, to the last bit
+
+
+@pytest.mark.slow
+def test_without_the_deterministic_setting_two_runs_end_with_different_weights(processed, tmp_path):
+    """The control: the same pair of runs with ``trainer.deterministic=false`` does not repeat."""
+    a, b = _pair(processed, tmp_path, "trainer.deterministic=false")
+    assert not _same_weights(a, b)
 
 
 def _kill_mid_epoch(proc: subprocess.Popen, epoch: int, at_least: int = 1) -> tuple[int, int]:

@@ -19,6 +19,9 @@ import torch
 import torchvision
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
+from towerrec.models.checkpoint import load_trained
+from towerrec.models.components.image_encoder import TorchvisionEncoder
+from towerrec.models.components.sequence_encoders import GRUEncoder
 from towerrec.similar import main as similar_main
 from towerrec.train import train
 
@@ -34,20 +37,22 @@ def _lr_logged(text: str) -> bool:
 
 @pytest.mark.parametrize(
     "logger",
-    [
-        "none",
+    [  # the default (csv) in the quick subset, the others with -m slow
+        pytest.param("none", marks=pytest.mark.slow),
         "csv",
-        "tensorboard",
+        pytest.param("tensorboard", marks=pytest.mark.slow),
         pytest.param(
             "mlflow",
-            marks=pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason='needs the extra: pip install -e ".[mlflow]"'),
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason='needs the extra: pip install -e ".[mlflow]"'),
+            ],
         ),
     ],
 )
 def test_every_logger_option_trains_with_the_default_callbacks(logger, tiny_processed_dir, tmp_path):
-    extra = [f"logger.mlflow.tracking_uri=file:{tmp_path / 'mlruns'}"] if logger == "mlflow" else []
     tiny = [o for o in TINY_TRAIN if not o.startswith("logger=")]
-    cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *tiny, f"logger={logger}", *extra], tmp_path / "run")
+    cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *tiny, f"logger={logger}"], tmp_path / "run")
     assert "lr_monitor" in cfg.callbacks  # the default callbacks, LR monitor included
     metrics = train(cfg)
     assert metrics["test"]["all"]["users"] > 0
@@ -63,8 +68,13 @@ def test_every_logger_option_trains_with_the_default_callbacks(logger, tiny_proc
         files = sorted((run / "tensorboard").glob("version_*/events.out.tfevents.*"))
         tags = {t for f in files for t in EventAccumulator(str(f)).Reload().Tags()["scalars"]}
         assert "val/ndcg@20" in tags and any(_lr_logged(t) for t in tags)
-    else:
-        assert any(_lr_logged(p.name) for p in (tmp_path / "mlruns").rglob("*"))
+    else:  # the config's own store: SQLite in the run folder, read back through mlflow's client
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+        (run_info,) = client.search_runs([client.get_experiment_by_name("towerrec").experiment_id])
+        keys = set(run_info.data.metrics)
+        assert "val/ndcg20" in keys and any(_lr_logged(k) for k in keys), keys  # mlflow drops the "@"
 
 
 def test_cfg_job_prints_what_would_run(tmp_path):
@@ -74,30 +84,57 @@ def test_cfg_job_prints_what_would_run(tmp_path):
     assert not (tmp_path / "outputs").exists()  # nothing ran
 
 
+#: A value no random init gives: the local file's weights are recognised in the trained checkpoint.
+MARK = 0.0123
+
+
 def _resnet18_state(path: Path) -> Path:
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"].fill_(MARK)
+    torch.save(state, path)
     return path
 
 
+def _gru(model):
+    assert isinstance(model.user_tower, GRUEncoder) and model.user_tower.gru.hidden_size == 32
+    assert model.item_tower.dim == 32
+
+
+def _no_image(model):
+    assert model.item_tower.image_encoder is None
+    assert not any("image_encoder" in k for k in model.state_dict())
+
+
+def _resnet18(model):
+    enc = model.item_tower.image_encoder
+    assert isinstance(enc, TorchvisionEncoder) and isinstance(enc.backbone, torchvision.models.ResNet)
+    assert torch.all(enc.backbone.conv1.weight == MARK)  # loaded from the local file, frozen since
+
+
 @pytest.mark.parametrize(
-    "line",
+    ("line", "took_effect"),
     [
-        ["model/user_tower=gru", "model.dim=32"],
-        ["model.item_tower.image_encoder=null"],
-        ["model/image_encoder@model.item_tower.image_encoder=resnet18", "model.item_tower.image_encoder.weights_path=WEIGHTS"],
-        pytest.param(["trainer=gpu"], marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+        (["model/user_tower=gru", "model.dim=32"], _gru),
+        (["model.item_tower.image_encoder=null"], _no_image),
+        (["model/image_encoder@model.item_tower.image_encoder=resnet18", "model.item_tower.image_encoder.weights_path=WEIGHTS"], _resnet18),
+        pytest.param(["trainer=gpu"], None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
     ],
     ids=["gru_dim32", "no_image", "resnet18_local_weights", "gpu"],
 )
-def test_readme_training_examples(line, tiny_processed_dir, tmp_path):
+@pytest.mark.slow
+def test_readme_training_examples(line, took_effect, tiny_processed_dir, tmp_path):
     line = [o.replace("WEIGHTS", str(_resnet18_state(tmp_path / "resnet18.pth"))) for o in line]
     # The line picks or drops the image encoder, so the small CNN's tiny width does not apply.
     tiny = [o for o in TINY_TRAIN if "image_encoder.channels" not in o or "image_encoder" not in " ".join(line)]
     cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *tiny, *line], tmp_path / "run")
     metrics = train(cfg)
     assert 0.0 <= metrics["test"]["all"]["recall@20"] <= 1.0
+    model, _ = load_trained(metrics["best_checkpoint"])  # the option as the trained checkpoint holds it
+    if took_effect is not None:  # trainer=gpu: that it ran on CUDA is all it changes
+        took_effect(model)
 
 
+@pytest.mark.slow
 def test_export_line_then_query_lines(tiny_train_cfg, tmp_path, capsys):
     metrics = train(tiny_train_cfg())
     out = tmp_path / "exports" / "hnsw"

@@ -154,10 +154,21 @@ def test_multirun_sweep_and_aggregate(tiny_processed_dir, tmp_path):
 def test_optuna_sweep_maximises_validation_ndcg(tiny_processed_dir, tmp_path):
     args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", *TINY_DATA,
             f"data.processed_dir={tiny_processed_dir}", *TINY_TRAIN, f"hydra.sweep.dir={tmp_path}/optuna"]
+    # The composed sweep: optuna maximises what towerrec-train returns, the checkpoint's monitor.
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        sweep = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    assert sweep.hydra.sweeper.direction == "maximize" and sweep.callbacks.model_checkpoint.monitor == "val/ndcg@20"
+    assert sweep.callbacks.model_checkpoint.mode == "max"
     proc = _cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    best = (tmp_path / "optuna" / "optimization_results.yaml").read_text()
-    assert "best_value" in best and "maximize" in (Path(CONFIG_DIR) / "hparams_search" / "optuna.yaml").read_text()
+    best = OmegaConf.load(tmp_path / "optuna" / "optimization_results.yaml")
+    # Each trial's objective is its best validation NDCG@20 (never a test figure); optuna kept the largest.
+    trials = [json.loads(f.read_text()) for f in sorted((tmp_path / "optuna").glob("*/metrics.json"))]
+    assert len(trials) == 2 and all(list(t["val"]) == ["best_ndcg@20"] for t in trials)
+    assert best.best_value == max(t["val"]["best_ndcg@20"] for t in trials)
 
 
 def test_gated_fusion_is_selectable_from_the_config(tiny_train_cfg):

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import itertools
+import json
 import shutil
 import subprocess
 import tempfile
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import HM_ROOT, TINY_TRAIN, compose_cfg, index_spec, needs_hm
+from PIL import Image
 
 from .conftest import Server
 
@@ -107,6 +114,7 @@ def test_gallery_shows_an_item_and_its_similar_items(server, tmp_path):
 
 
 @needs_browser
+@pytest.mark.slow
 def test_gallery_recommend_box(server):
     ids = httpx.get(f"{server.url}/v1/export").json()["example_item_ids"][:2]
     api = httpx.post(f"{server.url}/v1/recommend", json={"history": ids, "k": 12}, timeout=60).json()
@@ -162,3 +170,144 @@ def test_gallery_on_an_hm_item(hm_export, tmp_path):
         check_item_page(server.url, item_id, tmp_path)
     finally:
         server.stop()
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol: type into inputs, click, take screenshots.
+
+    Real input events (``Input.insertText``, mouse press and release at the element's centre), so the
+    page's own form handlers run, as they do for a person.
+    """
+
+    def __init__(self, profile: Path) -> None:
+        from websockets.sync.client import connect
+
+        flags = [f for f in FLAGS if not f.startswith("--virtual-time-budget")]
+        self.proc = subprocess.Popen(
+            [BROWSER, *flags, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert time.monotonic() < deadline and self.proc.poll() is None, "chromium did not start"
+            time.sleep(0.2)
+        port = port_file.read_text().split()[0]
+        page = next(t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page")
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None)
+        self._ids = itertools.count(1)
+
+    def call(self, method: str, **params):
+        n = next(self._ids)
+        self.ws.send(json.dumps({"id": n, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == n:
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    def eval(self, expression: str):
+        got = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in got, got
+        return got["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while not (value := self.eval(expression)):
+            if time.monotonic() > deadline:
+                seen = self.eval("JSON.stringify({state: document.body.dataset.state, item: document.getElementById('item-id').value, "
+                                 "history: document.getElementById('history').value, active: document.activeElement.id, "
+                                 "error: document.getElementById('error').textContent})")  # fmt: skip
+                pytest.fail(f"timed out waiting for {expression}; the page: {seen}")
+            time.sleep(0.2)
+        return value
+
+    def rect(self, selector: str) -> dict:
+        return self.eval(f"(r => ({{x: r.x, y: r.y, w: r.width, h: r.height}}))"
+                         f"(document.querySelector({json.dumps(selector)}).getBoundingClientRect())")  # fmt: skip
+
+    def click(self, selector: str) -> None:
+        r = self.rect(selector)
+        x, y = r["x"] + r["w"] / 2, r["y"] + r["h"] / 2
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def type(self, selector: str, text: str) -> None:
+        self.click(selector)  # focus, as a person does
+        self.eval("document.activeElement.select()")  # select what the field holds: typing replaces it
+        self.call("Input.insertText", text=text)
+
+    def goto(self, url: str) -> None:
+        self.call("Page.enable")
+        self.call("Page.navigate", url=url)
+        self.wait_for("document.readyState === 'complete'")
+
+    def screenshot(self) -> np.ndarray:
+        png = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    browser = Chromium(tmp_path / "profile")
+    try:
+        browser.call("Emulation.setDeviceMetricsOverride", width=1200, height=2400, deviceScaleFactor=1, mobile=False)
+        yield browser
+    finally:
+        browser.close()
+
+
+def _crop(shot: np.ndarray, r: dict) -> np.ndarray:
+    return shot[int(r["y"]) + 1 : int(r["y"] + r["h"]) - 1, int(r["x"]) + 1 : int(r["x"] + r["w"]) - 1]
+
+
+def check_cards_drawn(browser: Chromium, n: int) -> None:
+    """The screenshot shows ``n`` result cards: each card's box holds its picture and dark text."""
+    browser.wait_for("[...document.images].every(i => i.complete)")
+    shot = browser.screenshot()
+    boxes = browser.eval("[...document.querySelectorAll('#results .result')].map(e => "
+                         "(r => ({x: r.x, y: r.y, w: r.width, h: r.height}))(e.getBoundingClientRect()))")  # fmt: skip
+    assert len(boxes) == n
+    for box in boxes:
+        card = _crop(shot, box)
+        assert card.size and (card.sum(axis=2) < 200).mean() > 0.001  # text: near-black pixels
+        assert len(np.unique(card.reshape(-1, 3), axis=0)) > 50  # a picture, not a flat box
+    images = browser.eval("[...document.querySelectorAll('#results .result img')].map(e => "
+                          "(r => ({x: r.x, y: r.y, w: r.width, h: r.height}))(e.getBoundingClientRect()))")  # fmt: skip
+    assert images, "no product images drawn"
+    for box in images:
+        assert _crop(shot, box).std() > 5  # the product photo, not the grey placeholder
+
+
+@needs_browser
+@pytest.mark.slow
+def test_gallery_forms_typed_and_clicked_show_result_cards(server, chromium):
+    ids = httpx.get(f"{server.url}/v1/export").json()["example_item_ids"]
+    chromium.goto(f"{server.url}/")
+    chromium.wait_for("document.body.dataset.state === 'item'")  # the page opens on the first example
+    assert chromium.eval("document.querySelector('.query').dataset.itemId") == ids[0]
+    # The item form: type another id, click "Show similar".
+    chromium.type("#item-id", ids[2])
+    chromium.click("#item-form button")
+    chromium.wait_for(f"document.querySelector('.query').dataset.itemId === {json.dumps(ids[2])}")
+    api = httpx.get(f"{server.url}/v1/items/{ids[2]}/similar", params={"k": 12}).json()["results"]
+    shown = chromium.eval("[...document.querySelectorAll('#results .result')].map(e => e.dataset.itemId)")
+    assert shown == [h["item_id"] for h in api]
+    check_cards_drawn(chromium, len(api))
+    # The recommend form: type a history, click "Recommend".
+    chromium.type("#history", f"{ids[0]},{ids[1]}")
+    chromium.click("#rec-form button")
+    chromium.wait_for("document.body.dataset.state === 'recommend'")
+    api = httpx.post(f"{server.url}/v1/recommend", json={"history": ids[:2], "k": 12}, timeout=60).json()["results"]
+    shown = chromium.eval("[...document.querySelectorAll('#results .result')].map(e => e.dataset.itemId)")
+    assert shown == [h["item_id"] for h in api]
+    check_cards_drawn(chromium, len(api))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,8 +260,15 @@ def _group(cls: type, cfg: dict, name: str) -> Any:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise DataError(f"data.{name}.{unknown[0]}: unknown setting (known: {', '.join(known)})")
-    kinds = {"int": int, "bool": bool, "str": str, "float": float, "int | None": int, "str | None": str}
-    args = {k: _convert(v, kinds[known[k].type], f"data.{name}.{k}") for k, v in values.items()}
+    hints = typing.get_type_hints(cls)  # real types, whatever the annotation's spelling
+    args = {}
+    for key, value in values.items():
+        field, kind = f"data.{name}.{key}", hints[key]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # ``T | None``: T, or None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind not in (int, bool, str, float):
+            raise DataError(f"{field}: settings of type {kind!r} are not supported")
+        args[key] = _convert(value, kind, field)
     return cls(**args)
 
 
