@@ -19,6 +19,7 @@ def test_notebook_is_stored_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_reproduce_output(tmp_path_factory, monkeypatch):
     out = reproduce_tiny(tmp_path_factory.getbasetemp() / "reproduce_tiny")
     monkeypatch.setenv("TOWERREC_REPORT_DIR", str(out))  # the kernel inherits the environment

@@ -41,7 +41,7 @@ def _experiment_overrides(name: str, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[pytest.mark.hm, needs_hm]) if n.startswith("hm") else n for n in EXPERIMENTS]
+    "name", [pytest.param(n, marks=[pytest.mark.hm, pytest.mark.slow, needs_hm]) if n.startswith("hm") else n for n in EXPERIMENTS]
 )
 def test_every_experiment_trains_a_batch_or_two(name, tmp_path):
     overrides = [f"experiment={name}", *_experiment_overrides(name, tmp_path), *TINY_TRAIN]

@@ -93,6 +93,7 @@ KILL_DATA = ["data.source.n_users=6000", "data.source.n_items=20000", "data.sour
              "data.image_size=32"]
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_leaves_no_folder_or_the_previous_one(tmp_path):
     out = tmp_path / "proc"
     overrides = [*KILL_DATA, f"data.processed_dir={out}"]

@@ -203,6 +203,7 @@ def test_corrupt_and_missing_images_become_counted_placeholders(tmp_path):
 
 @pytest.mark.hm
 @needs_hm
+@pytest.mark.slow
 def test_hm_temporal_cut_reproduces_the_readme(tmp_path):
     """README: from 2020-08-23, 861 of the 1,211 held-out purchases are of articles not bought before."""
     cfg = compose_cfg(

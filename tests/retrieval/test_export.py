@@ -172,6 +172,7 @@ def test_export_does_not_overwrite_unless_asked(exports, tiny_ckpt):
     assert leftovers == []  # no temporary folders left behind
 
 
+@pytest.mark.slow
 def test_export_with_content_sketch_serves_the_models_own_scores(tmp_path):
     sketch = "{_target_: towerrec.models.components.content_sketch.ContentSketch, dim: 32, weight: 2.0}"
     ckpt = train_tiny(tmp_path / "train", f"model.item_tower.sketch={sketch}")

@@ -13,6 +13,7 @@ from towerrec import PROJECT_ROOT
 NOTEBOOK = Path(PROJECT_ROOT) / "notebooks" / "similar_items.ipynb"
 
 
+@pytest.mark.slow
 def test_similar_items_notebook_executes(exports, monkeypatch):
     pytest.importorskip("ipykernel")
     monkeypatch.setenv("TOWERREC_EXPORT", str(exports["hnsw"]))
