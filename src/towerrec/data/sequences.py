@@ -63,8 +63,10 @@ def write_sequences(interactions_parquet: Path, out_dir: Path) -> dict:
     path, out = Path(interactions_parquet), Path(out_dir)
     pf = pq.ParquetFile(path)
     n = pf.metadata.num_rows
-    items = np.lib.format.open_memmap(out / "seq_items.npy", mode="w+", dtype=np.int32, shape=(n,))
-    split = np.lib.format.open_memmap(out / "seq_split.npy", mode="w+", dtype=np.int8, shape=(n,))
+    # Plain appends to .npy files, not a writable memory map: a map's written pages would stay in this
+    # process's resident memory until the kernel writes them back.
+    items = _npy_writer(out / "seq_items.npy", np.int32, n)
+    split = _npy_writer(out / "seq_split.npy", np.int8, n)
     counts = np.zeros((1024, 3), dtype=np.int64)  # (user, split) -> positions, grown as users appear
     pos, last_user, last_code, max_item = 0, 0, 0, 0
     for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["user_idx", "item_idx", "split"]):
@@ -88,13 +90,12 @@ def write_sequences(interactions_parquet: Path, out_dir: Path) -> dict:
         if top >= len(counts):
             counts = np.concatenate([counts, np.zeros((max(top + 1, 2 * len(counts)) - len(counts), 3), np.int64)])
         _add_counts(counts, user, code)
-        items[pos : pos + m] = item
-        split[pos : pos + m] = code
+        items.write(item.astype(np.int32).tobytes())
+        split.write(code.astype(np.int8).tobytes())
         pos += m
         last_user, last_code, max_item = top, int(code[-1]), max(max_item, int(item.max()))
-    items.flush()
-    split.flush()
-    del items, split
+    items.close()
+    split.close()
     n_users = last_user
     counts = counts[: n_users + 1]
     offsets = np.zeros(n_users + 2, dtype=np.int64)
@@ -109,6 +110,15 @@ def write_sequences(interactions_parquet: Path, out_dir: Path) -> dict:
         "max_item": int(max_item),
         "split_codes": dict(SPLIT_CODES),
     }
+
+
+def _npy_writer(path: Path, dtype: type, n: int):
+    """An open file holding a ``.npy`` header for ``n`` values of ``dtype``; the caller writes the data."""
+    f = open(path, "wb")  # closed by the caller once the data is written
+    np.lib.format.write_array_header_2_0(
+        f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)}
+    )
+    return f
 
 
 def _add_counts(counts: np.ndarray, user: np.ndarray, code: np.ndarray) -> None:
