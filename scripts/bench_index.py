@@ -121,6 +121,7 @@ def bench_config(name, x, ids, queries, exact, args) -> list[dict]:
 def bench_loaded_export(path: Path, queries, exact, args) -> dict:
     """The export folder's own index as saved: ItemIndex.search against raw faiss.read_index."""
     from towerrec.retrieval import load_export
+    from towerrec.retrieval.load import search_params_of
 
     item_index = load_export(path)
     m = item_index.manifest
@@ -132,7 +133,7 @@ def bench_loaded_export(path: Path, queries, exact, args) -> dict:
     row["size_mb"] = m["files"]["index.faiss"]["bytes"] / 2**20
     row["recall"] = ann_recall(item_index.search(queries, args.k)[1], exact, args.k)
     raw = faiss.read_index(str(path / "index.faiss"))
-    set_params(raw, m["index"]["spec"].get("search_params") or {})
+    set_params(raw, search_params_of(m))  # the export's operating point, as load_export applies it
     row["raw_recall"] = ann_recall(raw.search(queries, args.k)[1], exact, args.k)
     searchers = [lambda q: item_index.search(q, args.k), lambda q: raw.search(q, args.k)]
     (row["qps1"], row["qpsb"]), (row["raw_qps1"], row["raw_qpsb"]) = time_queries(

@@ -41,10 +41,14 @@ class IndexSpec:
         pq_nbits: bits per PQ code; ``"auto"`` is 8, fewer when the training sample is too small for 256
             centroids per sub-quantizer.
         build_params: FAISS parameters set before adding vectors (``efConstruction``).
-        search_params: FAISS parameters set for searching (``efSearch``, ``nprobe``, ``k_factor_rf``).
+        search_params: FAISS parameters set for searching (``efSearch``, ``nprobe``, ``k_factor_rf``);
+            with ``target_recall`` set, the export replaces them by the cheapest setting that reaches it.
         train_sample: vectors sampled to train trained indexes (IVF, PQ, SQ); None trains on all of them.
         gpu: ``auto`` uses a GPU when FAISS sees one, ``true`` asks for one, ``false`` never does.
         seed: the training-sample seed.
+        target_recall: recall@k against the model's exact ranking that user-history and item queries
+            must each reach; the export measures and picks the search setting
+            (:mod:`towerrec.retrieval.tune`). None keeps ``search_params`` as they are.
     """
 
     name: str
@@ -57,6 +61,7 @@ class IndexSpec:
     train_sample: int | None = None
     gpu: bool | str = "auto"
     seed: int = 0
+    target_recall: float | None = 0.95
 
     def resolve(self, n: int, dim: int) -> IndexSpec:
         """The spec with ``auto`` sizes worked out for ``n`` vectors of size ``dim``."""

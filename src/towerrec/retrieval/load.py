@@ -152,6 +152,15 @@ class ItemIndex:
         return None
 
 
+def search_params_of(manifest: dict) -> dict[str, float]:
+    """The search setting an export is searched with: its operating point (chosen at export for
+    ``index.target_recall``), else its config's ``search_params`` (exports written before tuning)."""
+    point = manifest.get("operating_point")
+    if point is not None:
+        return dict(point.get("params") or {})
+    return dict(manifest["index"]["spec"].get("search_params") or {})
+
+
 def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) -> ItemIndex:
     """Load an export folder written by ``towerrec-export``.
 
@@ -183,7 +192,7 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) 
     for ok, what in checks:
         if not ok:
             raise ExportError(f"{root}: {what}; re-run towerrec-export")
-    search_params = manifest["index"]["spec"].get("search_params") or {}
+    search_params = search_params_of(manifest)
     device, reason = select_faiss_device(gpu, faiss.get_num_gpus(), manifest["factory"])
     if device == "gpu":
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)

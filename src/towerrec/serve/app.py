@@ -307,6 +307,7 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
             "count": m["count"],
             "cold_count": m.get("cold_count"),
             "recall": m.get("recall"),
+            "operating_point": {k: v for k, v in (m.get("operating_point") or {}).items() if k != "explored"},
             "device": served.device,
             "loaded_at": served.loaded_at,
             "reloads": holder.reloads,
