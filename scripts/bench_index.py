@@ -142,6 +142,40 @@ def bench_loaded_export(path: Path, queries, exact, args) -> dict:
     return row
 
 
+def crossover(sizes: list[int], d: int, k: int, target: float, seed: int) -> str:
+    """Exact ``Flat`` against ``HNSW32,Flat`` tuned to ``target`` on clustered catalogues of each size:
+    single-threaded ms per query (the serving cost), for ``factory: auto``'s ``flat_below``."""
+    from towerrec.retrieval.synthetic import clustered_unit
+    from towerrec.retrieval.tune import measure, tune
+
+    rows = []
+    for n in sizes:
+        x = clustered_unit(n + 500, d, seed=seed)
+        held_out, x = x[n:], x[:n]  # queries not in the catalogue (as user queries are) and items
+        ids = np.arange(1, n + 1)
+        items = x[np.random.default_rng(seed).choice(n, 500, replace=False)]
+        sets = {"user": (held_out, exact_search(x, ids, held_out, k)), "item": (items, exact_search(x, ids, items, k))}
+        flat = build_index(IndexSpec("flat", "Flat", gpu=False), x, ids).index
+        t = time.perf_counter()
+        graph = build_index(IndexSpec("hnsw", "HNSW32,Flat", gpu=False), x, ids).index
+        build_s = time.perf_counter() - t
+        tuned = tune(graph, sets, k, target)
+        exact = min((measure(flat, sets, k, {}) for _ in range(3)), key=lambda p: p.seconds)
+        graph_point = min((measure(graph, sets, k, tuned.chosen.params) for _ in range(3)), key=lambda p: p.seconds)
+        ms_flat = 1000 * exact.seconds / exact.queries
+        ms_graph = 1000 * graph_point.seconds / graph_point.queries
+        rows.append({
+            "items": f"{n:,}", "flat ms/query": f"{ms_flat:.3f}", "HNSW32 efSearch": f"{tuned.chosen.params['efSearch']:g}",
+            "HNSW recall (user, item)": f"{graph_point.recall['user']:.3f}, {graph_point.recall['item']:.3f}",
+            "HNSW ms/query": f"{ms_graph:.3f}", "flat / HNSW time": f"{ms_flat / ms_graph:.2f}", "HNSW build s": f"{build_s:.1f}",
+        })  # fmt: skip
+        print(f"  {rows[-1]}", flush=True)
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r[h] for h in head) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def fmt(value, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return ""
@@ -182,11 +216,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-raw", action="store_true", help="only the export code path")
     p.add_argument("--no-size", dest="size", action="store_false", help="skip serialising for the size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crossover", type=lambda s: [int(v) for v in s.split(",")], default=[],
+                   help="only compare exact Flat with HNSW tuned to --target on clustered catalogues of these sizes")  # fmt: skip
+    p.add_argument("--target", type=float, default=0.95, help="--crossover: the recall@k HNSW is tuned to")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.crossover:
+        print(f"faiss {faiss.__version__}; single-threaded search, clustered catalogues, d={args.d}")
+        print(crossover(args.crossover, args.d, args.k, args.target, args.seed))
+        return
     rng = np.random.default_rng(args.seed)
     datasets = []
     if args.n:

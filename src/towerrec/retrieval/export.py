@@ -180,6 +180,7 @@ def _manifest(
             "spec": asdict(built.spec),
             "device": built.device,
             "device_reason": built.device_reason,
+            "choice": built.spec.reason or f"configs/index/{spec.name}.yaml: {spec.factory}",
         },
         "factory": built.factory,
         "metric": METRIC_NAME,
