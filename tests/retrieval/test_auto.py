@@ -46,3 +46,47 @@ def test_default_export_is_auto_and_says_why(exports):
     assert m["factory"] == "IDMap2,Flat"  # 150 items: exact
     assert m["index"]["choice"].startswith("auto: 150 items < flat_below")
     assert m["operating_point"]["recall"] == {"user": 1.0, "item": 1.0}
+
+
+def test_auto_keeps_the_cheaper_of_the_tuned_graph_and_exact_search():
+    from towerrec.retrieval.index import exact_search
+    from towerrec.retrieval.synthetic import clustered_unit
+    from towerrec.retrieval.tune import tune_built
+
+    x = clustered_unit(3000, 16, seed=0)
+    ids = np.arange(1, len(x) + 1)
+    q = clustered_unit(200, 16, seed=1)
+    sets = {"user": (q, exact_search(x, ids, q, 10)), "item": (x[:200], exact_search(x, ids, x[:200], 10))}
+    built = build_index(index_spec("auto", flat_below=100), x, ids)
+    assert built.factory == "IDMap2,HNSW32,Flat"
+    kept, tuned = tune_built(built, x, ids, sets, 10, 0.95, "index=auto")
+    exact = [p for p in tuned.explored if p.params == {}]
+    graph = [p for p in tuned.explored if p.params and min(p.recall.values()) >= 0.95]
+    assert len(exact) == 1 and graph
+    if kept.factory == "IDMap2,Flat":
+        assert tuned.chosen is exact[0] and "exact search costs" in kept.spec.reason
+        assert min(p.ms_per_query for p in graph) >= exact[0].ms_per_query
+    else:
+        assert tuned.chosen.ms_per_query < exact[0].ms_per_query
+        assert tuned.chosen.ms_per_query == min(p.ms_per_query for p in graph)
+    assert min(tuned.chosen.recall.values()) >= 0.95
+
+
+def test_auto_falls_back_to_exact_search_when_the_index_misses_the_target():
+    from dataclasses import replace
+
+    from towerrec.retrieval.index import exact_search
+    from towerrec.retrieval.synthetic import clustered_unit
+    from towerrec.retrieval.tune import tune_built
+
+    x = clustered_unit(3000, 16, seed=0)
+    ids = np.arange(1, len(x) + 1)
+    sets = {"item": (x[:100], exact_search(x, ids, x[:100], 10))}
+    # An index auto could have chosen that no setting brings to the target: a coarse PQ code.
+    coarse = replace(index_spec("auto"), factory="PQ2x4", reason="auto: a coarse code")
+    built = build_index(coarse, x, ids)
+    kept, tuned = tune_built(built, x, ids, sets, 10, 0.99, "index=auto")
+    assert kept.factory == "IDMap2,Flat" and tuned.chosen.recall == {"item": 1.0}
+    assert kept.spec.reason.startswith("auto: measured at export, index=auto: no search setting reaches")
+    with pytest.raises(ValueError, match="no search setting"):  # without auto the export stops instead
+        tune_built(build_index(replace(coarse, reason=None), x, ids), x, ids, sets, 10, 0.99, "index=pq")

@@ -42,7 +42,7 @@ from towerrec.retrieval.index import (
 )
 from towerrec.retrieval.manifest import EMBEDDINGS_FILE, FORMAT, INDEX_FILE, ITEMS_FILE, ExportError, seal
 from towerrec.retrieval.tune import TargetRecallError as TuneError
-from towerrec.retrieval.tune import Tuned, tune
+from towerrec.retrieval.tune import Tuned, tune_built
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +286,11 @@ def export_index(
         sets = tuning_queries(model, dm, item_emb, vectors, ids, recall_k, n_queries, seed)
         try:
             what = f"index={spec.name} ({built.factory})"
-            tuned = tune(built.index, sets, min(recall_k, n), spec.target_recall, what=what)
+            built, tuned = tune_built(built, vectors, ids, sets, min(recall_k, n), spec.target_recall, what)
         except TuneError as err:
             raise ExportError(str(err)) from None
+        if built.spec.reason:
+            log.info("%s", built.spec.reason)
         log.info(
             "operating point %s: recall@%d %s at %.0f queries/s (1 thread), %d settings measured in %.1fs",
             tuned.chosen.params, tuned.k, tuned.chosen.recall, tuned.chosen.queries_per_s,

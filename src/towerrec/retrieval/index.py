@@ -157,6 +157,20 @@ def select_faiss_device(requested: bool | str, num_gpus: int, factory: str) -> t
     return "gpu", f"{num_gpus} GPU(s) visible to FAISS; building and searching on GPU 0"
 
 
+def mmap_flags(factory: str) -> int:
+    """``faiss.read_index`` flags that map an index file's vectors instead of copying them, or 0.
+
+    Inverted lists map with ``IO_FLAG_MMAP``; flat code storage (``Flat``, an HNSW graph's vectors)
+    with ``IO_FLAG_MMAP_IFC``. Mapped pages live in the page cache, so processes that map one file
+    (``towerrec-serve --workers N``) share one copy of the vectors.
+    """
+    if "IVF" in factory:
+        return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    if hasattr(faiss, "IO_FLAG_MMAP_IFC") and ("Flat" in factory or "HNSW" in factory):
+        return faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    return 0
+
+
 def set_params(index: faiss.Index, params: dict[str, float]) -> None:
     """Set FAISS parameters by name through ``ParameterSpace`` (it sees through IDMap and refine wrappers)."""
     space = faiss.ParameterSpace()

@@ -11,7 +11,15 @@ import numpy as np
 import pandas as pd
 
 from towerrec.retrieval.hits import Hit, UnknownItemError
-from towerrec.retrieval.index import METRIC, METRIC_NAME, gpu_off, search, select_faiss_device, set_params
+from towerrec.retrieval.index import (
+    METRIC,
+    METRIC_NAME,
+    gpu_off,
+    mmap_flags,
+    search,
+    select_faiss_device,
+    set_params,
+)
 from towerrec.retrieval.manifest import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, ExportError, read_verified
 
 if TYPE_CHECKING:
@@ -161,7 +169,7 @@ def search_params_of(manifest: dict) -> dict[str, float]:
     return dict(manifest["index"]["spec"].get("search_params") or {})
 
 
-def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) -> ItemIndex:
+def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False, mmap: bool = True) -> ItemIndex:
     """Load an export folder written by ``towerrec-export``.
 
     Args:
@@ -170,6 +178,9 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) 
             counts and metric are checked either way.
         gpu: search on a GPU: ``auto`` when FAISS sees one and supports the index type, ``true`` asks
             for one (falling back to CPU with a log line), ``false`` never.
+        mmap: map the index's vectors and the item embeddings from their files instead of reading
+            them into memory, where the index type allows (:func:`~towerrec.retrieval.index.mmap_flags`):
+            processes serving one export then share one copy.
 
     Raises:
         ExportError: with a one-line reason, for a missing, edited, mismatched or foreign folder.
@@ -177,9 +188,10 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) 
     root = Path(path)
     manifest = read_verified(root, METRIC_NAME, verify)
     dim, count = int(manifest["dim"]), int(manifest["count"])
-    index = faiss.read_index(str(root / INDEX_FILE))
+    flags = mmap_flags(manifest["factory"]) if mmap and gpu_off(gpu) else 0
+    index = faiss.read_index(str(root / INDEX_FILE), flags)
     items = pd.read_parquet(root / ITEMS_FILE)
-    embeddings = np.load(root / EMBEDDINGS_FILE)
+    embeddings = np.load(root / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None)
     checks = [
         (index.d == dim, f"index dimension {index.d} != manifest dim {dim}"),
         (index.ntotal == count, f"index holds {index.ntotal} vectors, manifest count is {count}"),

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import faiss
 import numpy as np
 from faiss.contrib.evaluation import OperatingPointsWithRanges, knn_intersection_measure
+
+from towerrec.retrieval.index import BuiltIndex, build_index
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ class OperatingPoint:
     def queries_per_s(self) -> float:
         return self.queries / self.seconds if self.seconds > 0 else float("inf")
 
+    @property
+    def ms_per_query(self) -> float:
+        return 1000 * self.seconds / max(1, self.queries)
+
 
 @dataclass
 class Tuned:
@@ -78,7 +84,7 @@ class Tuned:
             "params": self.chosen.params,
             "recall": {name: round(r, 4) for name, r in self.chosen.recall.items()},
             "queries_per_s": round(self.chosen.queries_per_s, 1),
-            "ms_per_query": round(1000 * self.chosen.seconds / self.chosen.queries, 4),
+            "ms_per_query": round(self.chosen.ms_per_query, 4),
             "threads": 1,
             "candidates": self.candidates,
             "explored": [
@@ -231,7 +237,7 @@ def tune(
         top = max(explored, key=lambda p: p.worst_recall)
         set_search_params(index, top.params)
         reached = ", ".join(f"{name} {r:.3f}" for name, r in top.recall.items())
-        setting = ", ".join(f"{p}={v:g}" for p, v in top.params.items()) or "exact search"
+        setting = _setting(top.params)
         raise TargetRecallError(
             f"{what}: no search setting reaches recall@{k} {target:g} (best: {reached} at {setting}); "
             "use a larger index (more HNSW links or IVF lists, a finer code) or index=flat, "
@@ -239,3 +245,46 @@ def tune(
         )
     set_search_params(index, best.params)
     return Tuned(best, target, k, explored, total)
+
+
+def tune_built(
+    built: BuiltIndex,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    query_sets: dict[str, tuple[np.ndarray, np.ndarray]],
+    k: int,
+    target: float,
+    what: str,
+) -> tuple[BuiltIndex, Tuned]:
+    """Tune a built index to ``target``; for ``factory: auto`` below ``ivf_from``, keep exact search
+    instead when it costs no more per query than the graph at its operating point (or the graph
+    cannot reach the target at all): user queries can need a far larger ``efSearch`` than items.
+
+    Returns:
+        The index to save (``built`` or an exact ``Flat`` over the same vectors) and its operating point.
+    """
+    spec = built.spec
+    compare = spec.reason is not None and spec.factory != "Flat" and spec.ivf_from and len(vectors) < spec.ivf_from
+    if not compare:
+        return built, tune(built.index, query_sets, k, target, what)
+    try:
+        graph: Tuned | None = tune(built.index, query_sets, k, target, what)
+    except TargetRecallError as err:
+        graph, missed = None, str(err)
+    exact_built = build_index(replace(spec, factory="Flat", reason=None), vectors, ids)
+    exact = tune(exact_built.index, query_sets, k, target, what)
+    if graph is not None and graph.chosen.ms_per_query < exact.chosen.ms_per_query:
+        graph.explored.extend(exact.explored)  # the manifest shows what exact search would have cost
+        return built, graph
+    why = (
+        f"{missed}" if graph is None
+        else f"{spec.factory} needs {_setting(graph.chosen.params)} for recall@{k} {target:g} at "
+        f"{graph.chosen.ms_per_query:.3f} ms/query; exact search costs {exact.chosen.ms_per_query:.3f} ms/query"
+    )  # fmt: skip
+    reason = f"auto: measured at export, {why} -> {exact_built.factory}"
+    exact.explored = [*(graph.explored if graph else []), *exact.explored]
+    return replace(exact_built, spec=replace(exact_built.spec, reason=reason)), exact
+
+
+def _setting(params: dict[str, float]) -> str:
+    return ", ".join(f"{p}={v:g}" for p, v in params.items()) or "exact search"
