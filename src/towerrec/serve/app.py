@@ -63,7 +63,7 @@ class ServeSettings:
         max_items: the most ids in one ``history`` or ``exclude`` (413 above).
         max_body_bytes: the largest request body (413 above).
         admin_token: enables ``/v1/admin/*`` (and SIGHUP reload); None leaves them off.
-        workers: uvicorn worker processes (each holds its own copy of the export).
+        workers: uvicorn worker processes (each maps the export's files: one copy of the vectors).
     """
 
     export: str
