@@ -172,8 +172,9 @@ def mmap_flags(factory: str) -> int:
 
 
 def set_params(index: faiss.Index, params: dict[str, float]) -> None:
-    """Set FAISS parameters by name through ``ParameterSpace`` (it sees through IDMap and refine wrappers)."""
-    space = faiss.ParameterSpace()
+    """Set FAISS parameters by name through ``ParameterSpace`` (it sees through IDMap and refine wrappers;
+    ``GpuParameterSpace`` in a GPU build, which also knows GPU indexes)."""
+    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
     for name, value in params.items():
         try:
             space.set_index_parameter(index, name, float(value))
