@@ -43,11 +43,16 @@ class ItemIndex:
         self.items = items
         self.embeddings = embeddings  # (N, D), row r = items.iloc[r]
         self._item_idx = items["item_idx"].to_numpy()
-        self._row_of_id = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
+        self._row_of_id = {item_id: row for row, item_id in enumerate(items["item_id"].to_numpy().tolist())}
         self._row_of_idx = np.full(int(self._item_idx.max(initial=0)) + 1, -1, dtype=np.int64)
         self._row_of_idx[self._item_idx] = np.arange(len(items))
         self._recommender = None
         self._image_cache: np.ndarray | None = None
+        # Plain lists for the per-hit lookups: a pandas row lookup costs more than the search itself.
+        self._item_id = items["item_id"].astype(str).tolist()
+        self._title = items["title"].astype(str).tolist()
+        self._image_path = items["image_path"].tolist()
+        self._is_cold = items["is_cold"].astype(bool).tolist()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -58,12 +63,12 @@ class ItemIndex:
     # ------------------------------------------------------------------ lookups
     def rows(self, item_ids: list[str]) -> np.ndarray:
         """Rows of raw item ids; an unknown id raises :class:`UnknownItemError`."""
-        missing = [i for i in item_ids if i not in self._row_of_id.index]
+        missing = [i for i in item_ids if i not in self._row_of_id]
         if missing:
             raise UnknownItemError(
                 f"unknown item id(s) {', '.join(map(str, missing[:5]))} (not in {self.root})"
             )
-        return self._row_of_id.loc[list(item_ids)].to_numpy()
+        return np.fromiter((self._row_of_id[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
 
     def item_idx(self, item_ids: list[str]) -> np.ndarray:
         """The project's item indices of raw item ids."""
@@ -74,14 +79,15 @@ class ItemIndex:
         return self.embeddings[self.rows([item_id])[0]]
 
     def _hit(self, item_idx: int, score: float) -> Hit:
-        row = self.items.iloc[self._row_of_idx[item_idx]]
+        r = int(self._row_of_idx[item_idx])
+        image = self._image_path[r]
         return Hit(
-            item_id=str(row["item_id"]),
+            item_id=self._item_id[r],
             item_idx=int(item_idx),
             score=float(score),
-            title=str(row["title"]),
-            image=row["image_path"] if isinstance(row["image_path"], str) else None,
-            is_cold=bool(row["is_cold"]),
+            title=self._title[r],
+            image=image if isinstance(image, str) else None,
+            is_cold=self._is_cold[r],
         )
 
     def describe(self, item_id: str) -> Hit:
