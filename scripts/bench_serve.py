@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in (http_sim, http_rec, http_mix):
         notes += [f"error sample: {s}" for s in r["samples"]]
     print(f"export: {export} ({len(index)} items, {index.manifest['factory']}, dim {index.manifest['dim']}); "
-          f"towerrec-serve --threads {args.threads}, 1 worker; {os.cpu_count()} CPUs")  # fmt: skip
+          f"towerrec-serve --threads {args.threads}, {args.workers} worker(s); {os.cpu_count()} CPUs")  # fmt: skip
     print()
     print(markdown_table(rows, floatfmt=".2f"))
     print()
