@@ -9,6 +9,11 @@ wrappers cost (targets: build <= 1.1x raw, query <= 1.2x raw).
     python scripts/bench_index.py --n 200000 --configs hnsw ivf_pq
     python scripts/bench_index.py --n 200000 --export exports/hnsw --sweep-ef 128,256,512
 
+    python scripts/bench_index.py --scale --n 10000000 --configs auto --workdir /tmp/<you>/bench
+        # each build in a child process (peak RSS by os.wait4), random and clustered catalogues
+        # memory-mapped from --workdir, tuned to target_recall, beside raw FAISS with the same setting
+    python scripts/bench_index.py --crossover 1000,3000,10000,30000   # Flat vs tuned HNSW (auto.yaml)
+
 Random unit vectors in 64-d have no cluster structure, so they are a hard case for every ANN index;
 real item embeddings (``--export``) are easier. Prints a markdown table.
 """
