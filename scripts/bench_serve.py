@@ -37,20 +37,29 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 # ---------------------------------------------------------------------- a synthetic export, no training
-def synthetic_export(out: Path, n: int, dim: int, index_name: str, ckpt: Path, seed: int = 0) -> Path:
-    """Write an export folder of ``n`` random unit vectors in ``dim``-d, in the format ``towerrec-export``
-    writes (and ``load_export`` verifies), with ``ckpt`` as its user tower."""
+def synthetic_export(
+    out: Path, n: int, dim: int, index_name: str, ckpt: Path, seed: int = 0, catalog: str = "random"
+) -> Path:
+    """Write an export folder of ``n`` unit vectors in ``dim``-d (``random``, or ``clustered``: a mixture
+    of Gaussian clusters on the sphere), in the format ``towerrec-export`` writes (and ``load_export``
+    verifies), with ``ckpt`` as its user tower. The search setting is tuned to the config's
+    ``target_recall`` as the export does, on catalog items and on held-out vectors of the same law
+    (standing in for user queries)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from towerrec import CONFIG_DIR
     from towerrec.fileio import file_sha256
     from towerrec.retrieval.export import write_export
-    from towerrec.retrieval.index import METRIC_NAME, build_index, measure_recall, normalized
+    from towerrec.retrieval.index import METRIC_NAME, build_index, exact_search, measure_recall
     from towerrec.retrieval.manifest import FORMAT
+    from towerrec.retrieval.synthetic import clustered_unit, random_unit
+    from towerrec.retrieval.tune import tune_built
 
     rng = np.random.default_rng(seed)
-    vectors = normalized(rng.standard_normal((n, dim), dtype=np.float32))
+    make = clustered_unit if catalog == "clustered" else random_unit
+    vectors = make(n + 500, dim, seed=seed)
+    held_out, vectors = vectors[n:], vectors[:n]
     ids = np.arange(1, n + 1, dtype=np.int64)
     items = pd.DataFrame({
         "item_idx": ids,
@@ -64,21 +73,33 @@ def synthetic_export(out: Path, n: int, dim: int, index_name: str, ckpt: Path, s
     t0 = time.perf_counter()
     built = build_index(spec, vectors, ids)
     print(f"built {built.factory} over {n} vectors in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    point = {"params": built.spec.search_params}
+    if spec.target_recall is not None:
+        item_q = vectors[rng.choice(n, 500, replace=False)]
+        sets = {"user": (held_out, exact_search(vectors, ids, held_out, 10)),
+                "item": (item_q, exact_search(vectors, ids, item_q, 10))}  # fmt: skip
+        built, tuned = tune_built(built, vectors, ids, sets, 10, spec.target_recall, f"index={index_name}")
+        point = tuned.to_manifest()
+        print(f"operating point {point['params']}: recall {point['recall']}, {point['ms_per_query']} ms/query",
+              file=sys.stderr)  # fmt: skip
     queries = vectors[rng.choice(n, 200, replace=False)]
     recall = {"k": 10, "reference": "exact inner-product search", "item_queries": 200,
               "recall_item": measure_recall(built.index, vectors, ids, queries, 10), "recall_user": None}  # fmt: skip
     manifest = {
         "format": FORMAT,
         "checkpoint": {"path": str(ckpt.resolve()), "sha256": file_sha256(ckpt)},
-        "data": {"name": f"random_unit_{n}x{dim}", "config_hash": None},
+        "data": {"name": f"{catalog}_unit_{n}x{dim}", "config_hash": None},
         "model": {"dim": dim, "max_history": 50},
-        "index": {"name": spec.name, "spec": asdict(built.spec), "device": built.device},
+        "index": {"name": spec.name, "spec": asdict(built.spec), "device": built.device,
+                  "choice": built.spec.reason},  # fmt: skip
         "factory": built.factory,
         "metric": METRIC_NAME,
         "dim": dim,
         "count": n,
         "cold_count": int(items["is_cold"].sum()),
         "recall": recall,
+        "operating_point": point,
+        "build_seconds": built.build_seconds,
         "image_cache": None,
     }
     write_export(out, built.index, items, vectors, manifest, overwrite=True)
@@ -181,6 +202,41 @@ def row(label: str, path: str, r: dict) -> dict:
             "QPS": r["done"] / r["wall"] if r["wall"] else float("nan"), **percentiles(r["latencies"])}  # fmt: skip
 
 
+def _kib(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in fields:
+            out[key] = int(rest.split()[0])
+    return out
+
+
+def memory_note(pid: int, export: Path) -> str:
+    """Memory of the server's processes (Linux): resident, of it mapped from files (the shared
+    vectors), proportional (shared pages split between processes); and who maps index.faiss."""
+    if not Path(f"/proc/{pid}/smaps_rollup").exists():
+        return "memory: not measured (no /proc)"
+    procs, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        procs.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            todo += [int(c) for c in (task / "children").read_text().split()]
+    rows, index_file = [], str((export / "index.faiss").resolve())
+    for p in procs:
+        try:
+            m = _kib(p, ("Rss", "Pss"))
+            maps = index_file in Path(f"/proc/{p}/maps").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        rows.append((p, m.get("Rss", 0), m.get("Pss", 0), maps))
+    mapping = sum(1 for r in rows if r[3])
+    total_rss = sum(r[1] for r in rows) / 1024
+    total_pss = sum(r[2] for r in rows) / 1024
+    return (f"memory: {len(rows)} server process(es), RSS sum {total_rss:.0f} MiB, PSS sum {total_pss:.0f} MiB "
+            f"(shared pages counted once); {mapping} map index.faiss")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -191,8 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="--synthetic: where the export goes (reused when it exists)")
     p.add_argument("--dim", type=int, default=64, help="--synthetic: vector size (default 64)")
     p.add_argument(
-        "--index", default="ivf_flat", help="--synthetic: configs/index/<name>.yaml (default ivf_flat)"
+        "--index", default="auto", help="--synthetic: configs/index/<name>.yaml (default auto)"
     )
+    p.add_argument("--catalog", choices=["random", "clustered"], default="random",
+                   help="--synthetic: random unit vectors (the hard case) or Gaussian clusters on the sphere")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, help="towerrec-serve --workers (memory is reported)")
     p.add_argument("--checkpoint", type=Path, help="--synthetic: user-tower checkpoint of the same dim")
     p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default 16)")
     p.add_argument("--requests", type=int, default=2000, help="requests per phase (default 2000)")
@@ -205,10 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     if args.synthetic:
-        out = args.out or Path(tempfile.gettempdir()) / f"towerrec_synthetic_{args.synthetic}x{args.dim}"
+        name = f"towerrec_synthetic_{args.catalog}_{args.synthetic}x{args.dim}_{args.index}"
+        out = args.out or Path(tempfile.gettempdir()) / name
         if not (out / "manifest.json").is_file():
             ckpt = args.checkpoint or tiny_checkpoint(Path(tempfile.mkdtemp(prefix="bench_serve_")), args.dim)
-            synthetic_export(out, args.synthetic, args.dim, args.index, ckpt, args.seed)
+            synthetic_export(out, args.synthetic, args.dim, args.index, ckpt, args.seed, args.catalog)
         export = out
     else:
         export = args.export
@@ -228,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "towerrec.serve.cli", "--export", str(export), "--port", str(port),
-           "--admin-token", token, "--no-access-log", "--threads", str(args.threads), "--log-level", "warning"]  # fmt: skip
+           "--admin-token", token, "--no-access-log", "--threads", str(args.threads), "--log-level", "warning",
+           "--workers", str(args.workers)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     server = subprocess.Popen(cmd, env=env)
     rows, notes = [], []
@@ -243,9 +304,10 @@ def main(argv: list[str] | None = None) -> None:
             except httpx.TransportError:
                 time.sleep(0.5)
         notes.append(f"server ready in {time.perf_counter() - t0:.1f}s (verified export)")
-        warm = [("GET", f"/v1/items/{q['item_id']}/similar", {"k": q["k"]}) for q in similar_q[:20]]
-        warm += [("POST", "/v1/recommend", q) for q in recommend_q[:20]]  # loads the user tower once
-        asyncio.run(drive(url, warm, 2, 600))
+        warm = [("GET", f"/v1/items/{q['item_id']}/similar", {"k": q["k"]}) for q in similar_q[:200]]
+        warm += [("POST", "/v1/recommend", q) for q in recommend_q[:40]]  # loads the user tower once
+        asyncio.run(drive(url, warm, 4, 600))
+        notes.append(memory_note(server.pid, export))
 
         def sim(q):
             return ("GET", f"/v1/items/{q['item_id']}/similar", {"k": q["k"]})
@@ -297,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in (http_sim, http_rec, http_mix):
         notes += [f"error sample: {s}" for s in r["samples"]]
     print(f"export: {export} ({len(index)} items, {index.manifest['factory']}, dim {index.manifest['dim']}); "
-          f"towerrec-serve --threads {args.threads}, 1 worker; {os.cpu_count()} CPUs")  # fmt: skip
+          f"towerrec-serve --threads {args.threads}, {args.workers} worker(s); {os.cpu_count()} CPUs")  # fmt: skip
     print()
     print(markdown_table(rows, floatfmt=".2f"))
     print()

@@ -30,7 +30,9 @@ def run(cfg: DictConfig) -> None:
     )
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     keys = ("factory", "count", "cold_count", "dim", "build_seconds", "recall")
-    print(f"{out}\n{json.dumps({k: manifest[k] for k in keys}, indent=2)}")
+    headline = {k: manifest[k] for k in keys}
+    headline["operating_point"] = {k: v for k, v in manifest["operating_point"].items() if k != "explored"}
+    print(f"{out}\n{json.dumps(headline, indent=2)}")
 
 
 main = hydra_cli("export", run, (ExportError, ValueError))

@@ -34,7 +34,8 @@ def test_round_trip(exports, name):
     assert measure_recall(index.index, index.embeddings, ids, index.embeddings, 10) == pytest.approx(
         m["recall"]["recall_item"]
     )
-    assert m["recall"]["recall_item"] >= (0.99 if name in ("flat", "hnsw", "ivf_flat") else 0.5)
+    # Exact search is exact; the others are tuned to recall 0.95 on other queries (test_tune.py).
+    assert m["recall"]["recall_item"] >= (0.99 if name == "flat" else 0.9 if name in ("hnsw", "ivf_flat") else 0.5)
     assert set(m["versions"]) >= {"faiss", "torch", "towerrec"}
     assert m["build_seconds"] >= 0 and m["checkpoint"]["sha256"]
 
@@ -83,7 +84,8 @@ def test_recommend_explains_with_history(exports):
         assert h.because == history[int(np.argmax(sims))]
         assert h.because_score == pytest.approx(max(sims), abs=1e-5)
         assert h.to_dict()["because"] == h.because
-    kept = index.recommend(history, k=150, exclude_history=False)
+    # The whole catalogue back: exact search (a tuned HNSW need not visit all 150 items for k=150).
+    kept = load_export(exports["flat"]).recommend(history, k=150, exclude_history=False)
     assert set(history) <= {h.item_id for h in kept}
     with pytest.raises(ValueError, match="empty"):
         index.recommend([], k=3)

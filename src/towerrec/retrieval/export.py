@@ -35,12 +35,14 @@ from towerrec.retrieval.index import (
     IndexSpec,
     ann_recall,
     build_index,
+    exact_search,
     measure_recall,
     normalized,
     search,
-    set_params,
 )
 from towerrec.retrieval.manifest import EMBEDDINGS_FILE, FORMAT, INDEX_FILE, ITEMS_FILE, ExportError, seal
+from towerrec.retrieval.tune import TargetRecallError as TuneError
+from towerrec.retrieval.tune import Tuned, tune_built
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,36 @@ def recall_check(
     }
 
 
+def tuning_queries(
+    model: TwoTowerModule,
+    dm: SequenceDataModule,
+    item_emb: torch.Tensor,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    k: int,
+    n_queries: int,
+    seed: int,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The queries the search setting is tuned on, each with its exact top-k ids.
+
+    ``user``: validation histories through the user tower, against the model's full ranking
+    (:meth:`TwoTowerModule.rank`); ``item``: catalogue items, against exact inner-product search. The
+    recall check (:func:`recall_check`) then measures the chosen setting on test histories.
+    """
+    rng = np.random.default_rng(seed + 1)  # another draw than the recall check's
+    split = dm.val_split if len(dm.val_split) else dm.test_split
+    k = min(k, len(vectors))
+    sets = {}
+    users = np.sort(rng.choice(len(split), min(n_queries, len(split)), replace=False))
+    if len(users):
+        history = split.history[torch.from_numpy(users)].to(item_emb.device)
+        user_q = model.user_embeddings(history, item_emb).float().cpu().numpy()  # (U, D)
+        sets["user"] = (user_q, model.rank(history, k, item_emb=item_emb).cpu().numpy())  # (U, k) item indices
+    item_q = vectors[np.sort(rng.choice(len(vectors), min(n_queries, len(vectors)), replace=False))]
+    sets["item"] = (item_q, exact_search(vectors, ids, item_q, k))
+    return sets
+
+
 def _warn_low_recall(recall: dict, warn_below: float, index_name: str) -> None:
     worst = min(r for r in (recall["recall_user"], recall["recall_item"]) if r is not None)
     if worst < warn_below:
@@ -127,6 +159,7 @@ def _manifest(
     recall: dict,
     config: dict | None,
     timings: dict[str, float],
+    tuned: Tuned | None = None,
 ) -> dict:
     """The manifest of an export, before :func:`~towerrec.retrieval.manifest.seal` adds the file hashes."""
     image_cache = Path(dm.processed_dir).resolve() / "images.npy"
@@ -147,6 +180,7 @@ def _manifest(
             "spec": asdict(built.spec),
             "device": built.device,
             "device_reason": built.device_reason,
+            "choice": built.spec.reason or f"configs/index/{spec.name}.yaml: {spec.factory}",
         },
         "factory": built.factory,
         "metric": METRIC_NAME,
@@ -157,6 +191,8 @@ def _manifest(
         "train_seconds": round(built.train_seconds, 3),
         "build_seconds": round(built.build_seconds, 3),
         "recall": recall,
+        # The search setting load_export applies (chosen for index.target_recall, else the config's).
+        "operating_point": tuned.to_manifest() if tuned is not None else {"params": built.spec.search_params},
         "image_cache": str(image_cache) if image_cache.exists() else None,
         "versions": {
             "faiss": faiss.__version__,
@@ -241,18 +277,32 @@ def export_index(
     vectors = normalized(item_emb[1:].float().cpu().numpy())  # (N, D)
     ids = items["item_idx"].to_numpy()
     embed_seconds = time.perf_counter() - t0
-    built = build_index(spec, vectors, ids, keep_on_device=True)
+    # Built on a GPU where one is used, then tuned, checked and saved as the CPU index the loaders read.
+    built = build_index(spec, vectors, ids)
     log.info("built %s over %d items in %.1fs on %s", built.factory, n, built.build_seconds, built.device)
+    tuned = None
+    if spec.target_recall is not None:
+        t0 = time.perf_counter()
+        sets = tuning_queries(model, dm, item_emb, vectors, ids, recall_k, n_queries, seed)
+        try:
+            what = f"index={spec.name} ({built.factory})"
+            built, tuned = tune_built(built, vectors, ids, sets, min(recall_k, n), spec.target_recall, what)
+        except TuneError as err:
+            raise ExportError(str(err)) from None
+        if built.spec.reason:
+            log.info("%s", built.spec.reason)
+        log.info(
+            "operating point %s: recall@%d %s at %.0f queries/s (1 thread), %d settings measured in %.1fs",
+            tuned.chosen.params, tuned.k, tuned.chosen.recall, tuned.chosen.queries_per_s,
+            len(tuned.explored), time.perf_counter() - t0,
+        )  # fmt: skip
     recall = recall_check(model, dm, built, item_emb, vectors, ids, recall_k, n_queries, seed)
     log.info("recall@%d vs exact: users %s, items %.4f", recall["k"], recall["recall_user"], recall["recall_item"])
     _warn_low_recall(recall, warn_below, spec.name)
     index = built.index
-    if built.device == "gpu":  # the saved index is a CPU index; GPU loading is the reader's choice
-        index = faiss.index_gpu_to_cpu(index)
-        set_params(index, built.spec.search_params)
 
     manifest = _manifest(
-        ckpt_path, model, dm, spec, built, items, recall, config, {"embed_seconds": embed_seconds}
+        ckpt_path, model, dm, spec, built, items, recall, config, {"embed_seconds": embed_seconds}, tuned
     )
     write_export(out, index, items, vectors, {**manifest, "seconds": round(time.perf_counter() - t_start, 3)}, overwrite)
     log.info("export written to %s", out)

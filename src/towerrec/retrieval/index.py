@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import faiss
 import numpy as np
@@ -41,10 +41,18 @@ class IndexSpec:
         pq_nbits: bits per PQ code; ``"auto"`` is 8, fewer when the training sample is too small for 256
             centroids per sub-quantizer.
         build_params: FAISS parameters set before adding vectors (``efConstruction``).
-        search_params: FAISS parameters set for searching (``efSearch``, ``nprobe``, ``k_factor_rf``).
+        search_params: FAISS parameters set for searching (``efSearch``, ``nprobe``, ``k_factor_rf``);
+            with ``target_recall`` set, the export replaces them by the cheapest setting that reaches it.
         train_sample: vectors sampled to train trained indexes (IVF, PQ, SQ); None trains on all of them.
         gpu: ``auto`` uses a GPU when FAISS sees one, ``true`` asks for one, ``false`` never does.
         seed: the training-sample seed.
+        flat_below: ``factory: auto``: exact ``Flat`` below this many items.
+        ivf_from: ``factory: auto``: ``IVF{nlist},Flat`` from this many items, ``HNSW32,Flat`` between.
+        add_chunk: vectors added per ``add_with_ids`` call (bounds the temporary memory of a large add).
+        reason: why this factory string (filled in by :meth:`resolve` for ``factory: auto``).
+        target_recall: recall@k against the model's exact ranking that user-history and item queries
+            must each reach; the export measures and picks the search setting
+            (:mod:`towerrec.retrieval.tune`). None keeps ``search_params`` as they are.
     """
 
     name: str
@@ -57,9 +65,18 @@ class IndexSpec:
     train_sample: int | None = None
     gpu: bool | str = "auto"
     seed: int = 0
+    target_recall: float | None = 0.95
+    flat_below: int | None = None
+    ivf_from: int | None = None
+    add_chunk: int = 1_000_000
+    reason: str | None = None
 
     def resolve(self, n: int, dim: int) -> IndexSpec:
-        """The spec with ``auto`` sizes worked out for ``n`` vectors of size ``dim``."""
+        """The spec with ``auto`` sizes (and an ``auto`` factory) worked out for ``n`` vectors of size ``dim``."""
+        if self.factory == "auto":
+            factory, reason = auto_factory(n, self.flat_below, self.ivf_from)
+            spec = replace(self, factory=factory).resolve(n, dim)
+            return replace(spec, reason=f"{reason} -> {spec.factory_string()}")
         n_train = min(n, self.train_sample) if self.train_sample else n
         nlist = self.nlist
         if nlist == "auto":
@@ -82,6 +99,33 @@ class IndexSpec:
         """The full factory string, ``IDMap2,`` prefix included (call on a resolved spec)."""
         inner = self.factory.format(nlist=self.nlist, pq_m=self.pq_m, pq_nbits=self.pq_nbits)
         return inner if inner.startswith("IDMap") else f"IDMap2,{inner}"
+
+
+def auto_factory(n: int, flat_below: int | None, ivf_from: int | None) -> tuple[str, str]:
+    """``(factory, reason)`` for ``factory: auto`` and a catalogue of ``n`` items.
+
+    Exact ``Flat`` below ``flat_below`` (exact search costs no more there than a graph searched at the
+    target recall: measured, see ``configs/index/auto.yaml``); above it FAISS's guidelines
+    ("Guidelines to choose an index" in the FAISS wiki): ``HNSW32,Flat`` while the graph's memory and
+    build time are affordable, then inverted lists with ``4 * sqrt(N)`` lists trained on a sample,
+    ``IVF{nlist},Flat``, from ``ivf_from`` (a file whose vectors ``IO_FLAG_MMAP`` can map).
+    """
+    if flat_below is None or ivf_from is None:
+        raise ValueError("factory: auto needs flat_below and ivf_from (see configs/index/auto.yaml)")
+    if n < flat_below:
+        return "Flat", (
+            f"auto: {n:,} items < flat_below {flat_below:,}: exact search is as fast as a graph index "
+            "at the target recall for a catalogue this size"
+        )
+    if n < ivf_from:
+        return "HNSW32,Flat", (
+            f"auto: {flat_below:,} <= {n:,} items < ivf_from {ivf_from:,}: a graph index (FAISS guidelines: "
+            "HNSW when memory allows; no training)"
+        )
+    return "IVF{nlist},Flat", (
+        f"auto: {n:,} items >= ivf_from {ivf_from:,}: inverted lists, 4 * sqrt(N) lists trained on a "
+        "sample (FAISS guidelines for 1M-10M vectors; an HNSW build this size is too slow on few cores)"
+    )
 
 
 _OFF = ("false", "no", "off", "0", "cpu", "none")
@@ -113,9 +157,24 @@ def select_faiss_device(requested: bool | str, num_gpus: int, factory: str) -> t
     return "gpu", f"{num_gpus} GPU(s) visible to FAISS; building and searching on GPU 0"
 
 
+def mmap_flags(factory: str) -> int:
+    """``faiss.read_index`` flags that map an index file's vectors instead of copying them, or 0.
+
+    Inverted lists map with ``IO_FLAG_MMAP``; flat code storage (``Flat``, an HNSW graph's vectors)
+    with ``IO_FLAG_MMAP_IFC``. Mapped pages live in the page cache, so processes that map one file
+    (``towerrec-serve --workers N``) share one copy of the vectors.
+    """
+    if "IVF" in factory:
+        return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    if hasattr(faiss, "IO_FLAG_MMAP_IFC") and ("Flat" in factory or "HNSW" in factory):
+        return faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    return 0
+
+
 def set_params(index: faiss.Index, params: dict[str, float]) -> None:
-    """Set FAISS parameters by name through ``ParameterSpace`` (it sees through IDMap and refine wrappers)."""
-    space = faiss.ParameterSpace()
+    """Set FAISS parameters by name through ``ParameterSpace`` (it sees through IDMap and refine wrappers;
+    ``GpuParameterSpace`` in a GPU build, which also knows GPU indexes)."""
+    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
     for name, value in params.items():
         try:
             space.set_index_parameter(index, name, float(value))
@@ -197,7 +256,8 @@ def build_index(
     if not index.is_trained:
         index.train(training_sample(x, spec.train_sample, spec.seed))
     t1 = time.perf_counter()
-    index.add_with_ids(x, ids)
+    for start in range(0, len(x), spec.add_chunk):  # in chunks: bounded temporaries at 10M items
+        index.add_with_ids(x[start : start + spec.add_chunk], ids[start : start + spec.add_chunk])
     t2 = time.perf_counter()
     set_params(index, spec.search_params)
     if device == "gpu" and not keep_on_device:

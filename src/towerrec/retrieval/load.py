@@ -11,7 +11,15 @@ import numpy as np
 import pandas as pd
 
 from towerrec.retrieval.hits import Hit, UnknownItemError
-from towerrec.retrieval.index import METRIC, METRIC_NAME, gpu_off, search, select_faiss_device, set_params
+from towerrec.retrieval.index import (
+    METRIC,
+    METRIC_NAME,
+    gpu_off,
+    mmap_flags,
+    search,
+    select_faiss_device,
+    set_params,
+)
 from towerrec.retrieval.manifest import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, ExportError, read_verified
 
 if TYPE_CHECKING:
@@ -35,11 +43,16 @@ class ItemIndex:
         self.items = items
         self.embeddings = embeddings  # (N, D), row r = items.iloc[r]
         self._item_idx = items["item_idx"].to_numpy()
-        self._row_of_id = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
+        self._row_of_id = {item_id: row for row, item_id in enumerate(items["item_id"].to_numpy().tolist())}
         self._row_of_idx = np.full(int(self._item_idx.max(initial=0)) + 1, -1, dtype=np.int64)
         self._row_of_idx[self._item_idx] = np.arange(len(items))
         self._recommender = None
         self._image_cache: np.ndarray | None = None
+        # Plain lists for the per-hit lookups: a pandas row lookup costs more than the search itself.
+        self._item_id = items["item_id"].astype(str).tolist()
+        self._title = items["title"].astype(str).tolist()
+        self._image_path = items["image_path"].tolist()
+        self._is_cold = items["is_cold"].astype(bool).tolist()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -50,12 +63,12 @@ class ItemIndex:
     # ------------------------------------------------------------------ lookups
     def rows(self, item_ids: list[str]) -> np.ndarray:
         """Rows of raw item ids; an unknown id raises :class:`UnknownItemError`."""
-        missing = [i for i in item_ids if i not in self._row_of_id.index]
+        missing = [i for i in item_ids if i not in self._row_of_id]
         if missing:
             raise UnknownItemError(
                 f"unknown item id(s) {', '.join(map(str, missing[:5]))} (not in {self.root})"
             )
-        return self._row_of_id.loc[list(item_ids)].to_numpy()
+        return np.fromiter((self._row_of_id[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
 
     def item_idx(self, item_ids: list[str]) -> np.ndarray:
         """The project's item indices of raw item ids."""
@@ -66,14 +79,15 @@ class ItemIndex:
         return self.embeddings[self.rows([item_id])[0]]
 
     def _hit(self, item_idx: int, score: float) -> Hit:
-        row = self.items.iloc[self._row_of_idx[item_idx]]
+        r = int(self._row_of_idx[item_idx])
+        image = self._image_path[r]
         return Hit(
-            item_id=str(row["item_id"]),
+            item_id=self._item_id[r],
             item_idx=int(item_idx),
             score=float(score),
-            title=str(row["title"]),
-            image=row["image_path"] if isinstance(row["image_path"], str) else None,
-            is_cold=bool(row["is_cold"]),
+            title=self._title[r],
+            image=image if isinstance(image, str) else None,
+            is_cold=self._is_cold[r],
         )
 
     def describe(self, item_id: str) -> Hit:
@@ -152,7 +166,16 @@ class ItemIndex:
         return None
 
 
-def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) -> ItemIndex:
+def search_params_of(manifest: dict) -> dict[str, float]:
+    """The search setting an export is searched with: its operating point (chosen at export for
+    ``index.target_recall``), else its config's ``search_params`` (exports written before tuning)."""
+    point = manifest.get("operating_point")
+    if point is not None:
+        return dict(point.get("params") or {})
+    return dict(manifest["index"]["spec"].get("search_params") or {})
+
+
+def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False, mmap: bool = True) -> ItemIndex:
     """Load an export folder written by ``towerrec-export``.
 
     Args:
@@ -161,6 +184,9 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) 
             counts and metric are checked either way.
         gpu: search on a GPU: ``auto`` when FAISS sees one and supports the index type, ``true`` asks
             for one (falling back to CPU with a log line), ``false`` never.
+        mmap: map the index's vectors and the item embeddings from their files instead of reading
+            them into memory, where the index type allows (:func:`~towerrec.retrieval.index.mmap_flags`):
+            processes serving one export then share one copy.
 
     Raises:
         ExportError: with a one-line reason, for a missing, edited, mismatched or foreign folder.
@@ -168,9 +194,10 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) 
     root = Path(path)
     manifest = read_verified(root, METRIC_NAME, verify)
     dim, count = int(manifest["dim"]), int(manifest["count"])
-    index = faiss.read_index(str(root / INDEX_FILE))
+    flags = mmap_flags(manifest["factory"]) if mmap and gpu_off(gpu) else 0
+    index = faiss.read_index(str(root / INDEX_FILE), flags)
     items = pd.read_parquet(root / ITEMS_FILE)
-    embeddings = np.load(root / EMBEDDINGS_FILE)
+    embeddings = np.load(root / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None)
     checks = [
         (index.d == dim, f"index dimension {index.d} != manifest dim {dim}"),
         (index.ntotal == count, f"index holds {index.ntotal} vectors, manifest count is {count}"),
@@ -183,7 +210,7 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False) 
     for ok, what in checks:
         if not ok:
             raise ExportError(f"{root}: {what}; re-run towerrec-export")
-    search_params = manifest["index"]["spec"].get("search_params") or {}
+    search_params = search_params_of(manifest)
     device, reason = select_faiss_device(gpu, faiss.get_num_gpus(), manifest["factory"])
     if device == "gpu":
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)

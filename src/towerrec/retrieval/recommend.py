@@ -45,7 +45,7 @@ class Recommender:
         # processed data nor the item features are needed.
         self.model = load_model(verified_checkpoint(ckpt_path or ckpt["path"], ckpt["sha256"]))
         self.max_history = int(index.manifest["model"]["max_history"])
-        emb = torch.from_numpy(np.asarray(index.embeddings, dtype=np.float32))
+        emb = torch.from_numpy(np.array(index.embeddings, dtype=np.float32))  # a copy: the export maps its file
         n_rows = int(index.items["item_idx"].max()) + 1
         # Item index -> embedding, row 0 (padding) zero, as the user tower saw in training.
         self.item_emb = torch.zeros(n_rows, emb.shape[1])

@@ -22,13 +22,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from towerrec.retrieval import ExportError, ItemIndex, UnknownItemError
+from towerrec.serve.openapi import ADMIN, BAD_BODY, BATCH, NOT_FOUND, QUERY, RECOMMEND, stated_limits
 from towerrec.serve.schemas import (
     BatchResults,
     ItemOut,
@@ -48,6 +50,9 @@ API = "/v1"
 #: Environment variables: the settings of ``--workers N`` processes, and the admin token.
 SETTINGS_ENV = "TOWERREC_SERVE_SETTINGS"
 TOKEN_ENV = "TOWERREC_SERVE_ADMIN_TOKEN"
+#: The admin token, declared in OpenAPI as a bearer scheme (checked in the admin dependency).
+ADMIN_SCHEME = HTTPBearer(auto_error=False, scheme_name="adminToken",
+                          description="the --admin-token of towerrec-serve (or $TOWERREC_SERVE_ADMIN_TOKEN)")  # fmt: skip
 
 
 @dataclass
@@ -63,7 +68,7 @@ class ServeSettings:
         max_items: the most ids in one ``history`` or ``exclude`` (413 above).
         max_body_bytes: the largest request body (413 above).
         admin_token: enables ``/v1/admin/*`` (and SIGHUP reload); None leaves them off.
-        workers: uvicorn worker processes (each holds its own copy of the export).
+        workers: uvicorn worker processes (each maps the export's files: one copy of the vectors).
     """
 
     export: str
@@ -181,13 +186,9 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
         version="1",
         summary="Similar items and history recommendations from a verified towerrec export",
         lifespan=lifespan,
-        responses={
-            400: {"model": Problem},
-            404: {"model": Problem},
-            413: {"model": Problem},
-            422: {"model": Problem},
-        },
+        responses={500: {"model": Problem, "description": "an unexpected error (one line; see the server log)"}},
     )
+    app.openapi = stated_limits(app, settings)  # the schema states this server's limits
     app.state.holder = holder
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
@@ -261,15 +262,13 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
             "results": [h.to_dict() for h in hits],
         }
 
-    def admin(authorization: Annotated[str | None, Header()] = None) -> None:
+    def admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(ADMIN_SCHEME)]) -> None:
         if not settings.admin_token:
             raise HTTPException(
                 403, f"admin endpoints are off: start towerrec-serve with --admin-token or {TOKEN_ENV}"
             )
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.encode(), settings.admin_token.encode()
-        ):
+        token = credentials.credentials if credentials is not None else ""
+        if credentials is None or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
             raise HTTPException(401, "admin token missing or wrong (send Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
@@ -307,13 +306,14 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
             "count": m["count"],
             "cold_count": m.get("cold_count"),
             "recall": m.get("recall"),
+            "operating_point": {k: v for k, v in (m.get("operating_point") or {}).items() if k != "explored"},
             "device": served.device,
             "loaded_at": served.loaded_at,
             "reloads": holder.reloads,
             "example_item_ids": served.index.items["item_id"].head(5).astype(str).tolist(),
         }
 
-    @app.get(f"{API}/items/{{item_id}}", response_model=ItemOut, tags=["items"])
+    @app.get(f"{API}/items/{{item_id}}", response_model=ItemOut, tags=["items"], responses=NOT_FOUND)
     def item(item_id: str) -> dict:
         """An item's metadata."""
         idx = holder.current.index
@@ -331,7 +331,7 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
         }
 
     @app.get(f"{API}/items/{{item_id}}/image", tags=["items"], response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}})  # fmt: skip
+             responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, **NOT_FOUND})  # fmt: skip
     def image(item_id: str) -> Response:
         """The image the export recorded for the item (its file, else its row of the image cache)."""
         idx = holder.current.index
@@ -359,29 +359,29 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
         return JSONResponse({"responses": [answer(served, q) for q in queries]})
 
     @app.get(f"{API}/items/{{item_id}}/similar", response_model=Results,
-             tags=["queries"])  # fmt: skip
+             tags=["queries"], responses=QUERY)  # fmt: skip
     def similar_items(item_id: str, params: Annotated[SimilarQuery, Query()]) -> JSONResponse:
         """Items most similar to ``item_id`` (the product page); cold items go through their content path."""
         q = SimilarRequest(item_id=item_id, k=params.k, exclude=_ids(params.exclude))
         return JSONResponse(similar(holder.current, q))
 
-    @app.post(f"{API}/similar", response_model=BatchResults, tags=["queries"])
+    @app.post(f"{API}/similar", response_model=BatchResults, tags=["queries"], responses={**QUERY, **BATCH})
     def similar_batch(body: SimilarBatch) -> JSONResponse:
         """Many item-to-item queries in one request, answered from one export."""
         return answer_batch(similar, body.queries)
 
-    @app.post(f"{API}/recommend", response_model=Results, tags=["queries"])
+    @app.post(f"{API}/recommend", response_model=Results, tags=["queries"], responses=RECOMMEND)
     def recommend_one(body: RecommendRequest) -> JSONResponse:
         """Items for a purchase history (the cart, the home page); each result says ``because``."""
         return JSONResponse(recommend(holder.current, body))
 
     @app.post(f"{API}/recommend/batch", response_model=BatchResults,
-              tags=["queries"])  # fmt: skip
+              tags=["queries"], responses={**RECOMMEND, **BATCH})  # fmt: skip
     def recommend_batch(body: RecommendBatch) -> JSONResponse:
         """Many history queries in one request, answered from one export."""
         return answer_batch(recommend, body.queries)
 
-    @app.post(f"{API}/admin/reload", tags=["admin"], dependencies=[Depends(admin)])
+    @app.post(f"{API}/admin/reload", tags=["admin"], dependencies=[Depends(admin)], responses={**ADMIN, **BAD_BODY})
     async def reload() -> JSONResponse:
         """Verify the export folder again and swap it in atomically; a refused folder keeps the old one.
 

@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
-        "--workers", type=int, default=1, help="worker processes, each with its own copy of the export"
+        "--workers", type=int, default=1,
+        help="worker processes; they map the export's index and embeddings files, so they share one copy",
     )
     p.add_argument("--threads", type=int, default=1, help="FAISS and torch threads per worker (default 1)")
     p.add_argument("--gpu", default="false", help="search on GPU: auto | true | false (default false)")
