@@ -14,7 +14,7 @@ from .conftest import index_spec
 
 pytestmark = pytest.mark.skipif(
     faiss.get_num_gpus() == 0,
-    reason="no GPU visible to FAISS (faiss-cpu build or no device): pip install -e '.[gpu]' on a CUDA machine",
+    reason="needs CUDA: no GPU visible to FAISS (faiss-cpu build or no device); pip install -e '.[gpu]' on a CUDA machine",
 )
 
 
