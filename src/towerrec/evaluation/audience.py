@@ -197,7 +197,11 @@ def rank_customers(scorer, task: AudienceTask, k: int, chunk: int = 256, seed: i
 def per_item_frame(task: AudienceTask, values: dict[str, np.ndarray]) -> pd.DataFrame:
     """One row per item: ``item_idx``, ``is_cold``, ``buyers`` and ``<slice>/<metric>@K`` (NaN outside the slice)."""
     cols = {"item_idx": task.items, "is_cold": task.is_cold, "buyers": [len(b) for b in task.buyers]}
-    masks = {"all": np.ones(len(task.items), dtype=bool), "warm_items": ~task.is_cold, "cold_items": task.is_cold}
+    masks = {
+        "all": np.ones(len(task.items), dtype=bool),
+        "warm_items": ~task.is_cold,
+        "cold_items": task.is_cold,
+    }
     for sl, m in masks.items():
         for name, v in values.items():
             cols[f"{sl}/{name}"] = np.where(m, v, np.nan)

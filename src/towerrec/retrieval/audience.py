@@ -236,11 +236,12 @@ class Audiences:
 
     # ------------------------------------------------------------------ scoring
     def _campaign_vectors(self, campaign: Campaign) -> tuple[np.ndarray, np.ndarray]:
+        """The campaign items' ``(E, D)`` embeddings and item indices."""
         try:
             rows = self.items.rows(campaign.items)
-        except KeyError as err:
+        except KeyError as err:  # UnknownItemError
             raise AudienceError(str(err)) from None
-        return self.items.embeddings[rows], self.items._item_idx[rows]
+        return self.items.embeddings[rows], self.items.items["item_idx"].to_numpy()[rows]
 
     def candidates(
         self, campaign: Campaign, filters: Filters, aggregate: str, want: int
