@@ -56,6 +56,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     Returns:
         ``{scorer name: {slice: {metric@k: value}}}``.
     """
+    if cfg.get("task") is not None and cfg.task.name == "audience":  # item -> customers
+        from towerrec.evaluation.audience import evaluate_audience
+
+        return evaluate_audience(cfg)
     if is_rolling(cfg.data):  # every fold, then pooled over (fold, user) pairs
         return evaluate_folds(cfg, evaluate)
     baseline_cfg = cfg.get("baseline")

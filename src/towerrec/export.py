@@ -27,9 +27,13 @@ def run(cfg: DictConfig) -> None:
         config=OmegaConf.to_container(cfg, resolve=True),
         warn_below=cfg.recall.warn_below,
         force=cfg.force,
+        users=cfg.get("users", False),
     )
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     keys = ("factory", "count", "cold_count", "dim", "build_seconds", "recall")
+    if manifest.get("customer_data"):  # users=true
+        manifest["customers"] = {k: manifest["customers"][k] for k in ("count", "factory", "recall")}
+        keys = (*keys, "customers")
     headline = {k: manifest[k] for k in keys}
     headline["operating_point"] = {k: v for k, v in manifest["operating_point"].items() if k != "explored"}
     print(f"{out}\n{json.dumps(headline, indent=2)}")

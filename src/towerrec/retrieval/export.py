@@ -8,6 +8,11 @@ written to a temporary folder first and renamed into place, so a reader never se
 - ``item_embeddings.npy``: ``(N, D)`` float32 unit-norm item embeddings, aligned with the rows
 - ``manifest.json``: checkpoint and sha256, configs, sizes, recall against exact search, versions,
   and the sha256 of every other file
+
+With ``users=True`` (and only then) it also holds the customers, for audience queries
+(:mod:`towerrec.retrieval.audience`): their user-tower embeddings from their history up to the data's
+cut-off, an index of the same factory and metric over them, their segments and past purchases. The
+manifest's ``customer_data`` says whether an export holds customer data.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import datetime as dt
 import logging
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
@@ -26,9 +31,16 @@ import torch
 
 import towerrec
 from towerrec.data.datamodule import SequenceDataModule
-from towerrec.fileio import atomic_folder, file_sha256
+from towerrec.fileio import atomic_folder, file_sha256, folder_files
 from towerrec.models.checkpoint import load_trained
 from towerrec.models.two_tower import TwoTowerModule
+from towerrec.retrieval.audience import (
+    CUSTOMER_EMBEDDINGS_FILE,
+    CUSTOMER_FILES,
+    CUSTOMER_INDEX_FILE,
+    CUSTOMERS_FILE,
+    PURCHASES_FILE,
+)
 from towerrec.retrieval.index import (
     METRIC_NAME,
     BuiltIndex,
@@ -205,10 +217,17 @@ def _manifest(
 
 
 def write_export(
-    out: Path, index: faiss.Index, items: pd.DataFrame, vectors: np.ndarray, manifest: dict, overwrite: bool = False
+    out: Path,
+    index: faiss.Index,
+    items: pd.DataFrame,
+    vectors: np.ndarray,
+    manifest: dict,
+    overwrite: bool = False,
+    customers: CustomerExport | None = None,
 ) -> Path:
     """Write an export folder atomically: the CPU ``index``, the item table, the ``(N, D)`` unit-norm
     ``vectors`` aligned with its rows, and ``manifest`` sealed with every file's size and sha256.
+    ``customers`` (``users=true``) adds the customer files, listed in ``manifest["customers"]``.
 
     Raises:
         ExportError: when ``out`` exists and ``overwrite`` is off.
@@ -218,10 +237,124 @@ def write_export(
             faiss.write_index(index, str(tmp / INDEX_FILE))
             items.to_parquet(tmp / ITEMS_FILE, index=False)
             np.save(tmp / EMBEDDINGS_FILE, vectors)
+            manifest = {**manifest, "customer_data": customers is not None}
+            if customers is not None:
+                manifest["customers"] = customers.write(tmp)
             seal(manifest, tmp)
     except FileExistsError as err:
         raise ExportError(str(err)) from None
     return out
+
+
+@dataclass
+class CustomerExport:
+    """The customers of an export (``users=true``): embeddings, their index, table and past purchases."""
+
+    built: BuiltIndex
+    table: pd.DataFrame  # user_idx, customer_id, n_purchases, segments; row r = vectors[r]
+    vectors: np.ndarray  # (C, D) unit-norm user-tower embeddings
+    purchases: pd.DataFrame  # distinct (user_idx, item_idx) up to the cut-off
+    info: dict  # manifest["customers"], before the file hashes
+
+    def write(self, folder: Path) -> dict:
+        """Write the customer files into ``folder``; returns ``manifest["customers"]`` with their hashes."""
+        index = self.built.index
+        if self.built.device == "gpu":
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(folder / CUSTOMER_INDEX_FILE))
+        self.table.to_parquet(folder / CUSTOMERS_FILE, index=False)
+        np.save(folder / CUSTOMER_EMBEDDINGS_FILE, self.vectors)
+        self.purchases.to_parquet(folder / PURCHASES_FILE, index=False)
+        return {**self.info, "files": folder_files(folder, list(CUSTOMER_FILES))}
+
+
+def customer_histories(interactions: pd.DataFrame, user_idx: np.ndarray, max_history: int) -> np.ndarray:
+    """``(C, max_history)`` left-padded histories (most recent last) of ``user_idx`` from
+    ``interactions`` sorted by user, then time (as the processed table is)."""
+    u = interactions["user_idx"].to_numpy()
+    items = interactions["item_idx"].to_numpy()
+    row_of = np.full(int(max(u.max(initial=0), user_idx.max(initial=0))) + 1, -1, dtype=np.int64)
+    row_of[user_idx] = np.arange(len(user_idx))
+    keep = row_of[u] >= 0
+    u, items = u[keep], items[keep]
+    counts = np.bincount(u, minlength=len(row_of))
+    ends = np.cumsum(counts)  # one past each user's last row
+    from_end = ends[u] - 1 - np.arange(len(u))  # 0 = the user's most recent purchase
+    last = from_end < max_history
+    out = np.zeros((len(user_idx), max_history), dtype=np.int64)
+    out[row_of[u[last]], max_history - 1 - from_end[last]] = items[last]
+    return out
+
+
+def customer_table(users: pd.DataFrame, n_purchases: np.ndarray) -> pd.DataFrame:
+    """The exported customer table: ids, purchases up to the cut-off and the prepared segments."""
+    cols = [c for c in ("lifecycle", "rfm_segment", "rfm_r", "rfm_f", "rfm_m") if c in users]
+    out = pd.DataFrame(
+        {"user_idx": users["user_idx"].astype(np.int64).to_numpy(), "customer_id": users["user_id"].astype(str).to_numpy()}
+    )
+    out["n_purchases"] = n_purchases.astype(np.int64)
+    for c in cols:
+        out[c] = users[c].to_numpy()
+    return out
+
+
+@torch.no_grad()
+def export_customers(
+    model: TwoTowerModule,
+    dm: SequenceDataModule,
+    spec: IndexSpec,
+    item_emb: torch.Tensor,
+    item_vectors: np.ndarray,
+    recall_k: int,
+    n_queries: int,
+    seed: int,
+    chunk_size: int = 1024,
+) -> CustomerExport:
+    """Embed every customer with a purchase from their whole history (every split: up to the data's
+    cut-off) through :meth:`TwoTowerModule.user_embeddings`, the function validation ranks with, and
+    build ``spec`` over them; recall@k against exact search for item queries (the audience query)."""
+    inter = dm.interactions
+    users = dm.users.sort_values("user_idx")
+    n_purchases = np.bincount(inter["user_idx"].to_numpy(), minlength=int(users["user_idx"].max()) + 1)
+    n_purchases = n_purchases[users["user_idx"].to_numpy()]
+    users, n_purchases = users[n_purchases > 0], n_purchases[n_purchases > 0]
+    user_idx = users["user_idx"].to_numpy().astype(np.int64)
+    t0 = time.perf_counter()
+    history = torch.from_numpy(customer_histories(inter, user_idx, int(dm.max_history)))
+    parts = [
+        model.user_embeddings(history[i : i + chunk_size].to(item_emb.device), item_emb).float().cpu()
+        for i in range(0, len(history), chunk_size)
+    ]
+    vectors = normalized(torch.cat(parts).numpy() if parts else np.zeros((0, item_emb.shape[1]), np.float32))
+    embed_seconds = time.perf_counter() - t0
+    built = build_index(spec, vectors, user_idx, keep_on_device=True)
+    k = min(recall_k, len(vectors))
+    rng = np.random.default_rng(seed)
+    queries = item_vectors[np.sort(rng.choice(len(item_vectors), min(n_queries, len(item_vectors)), replace=False))]
+    recall = measure_recall(built.index, vectors, user_idx, queries, k)
+    log.info("customers: %d embedded, %s, recall@%d vs exact %.4f", len(vectors), built.factory, k, recall)
+    info = {
+        "count": len(vectors),
+        "without_history": int((dm.users["user_idx"].nunique()) - len(vectors)),
+        "history": "every purchase up to the data's cut-off (all splits), the last max_history of them",
+        "cutoff": str(inter["timestamp"].max()) if len(inter) else None,
+        "factory": built.factory,
+        "metric": METRIC_NAME,
+        "search_params": built.spec.search_params,
+        "device": built.device,
+        "embed_seconds": round(embed_seconds, 3),
+        "build_seconds": round(built.build_seconds, 3),
+        "recall": {
+            "k": k,
+            "reference": "exact inner-product search (faiss.contrib.exhaustive_search.knn)",
+            "queries": "catalogue items (item -> customers, the audience query)",
+            "item_queries": len(queries),
+            "recall_item": recall,
+        },
+        "segments": "as prepared (users.parquet): RFM and lifecycle from the training window",
+    }
+    purchases = inter[["user_idx", "item_idx"]].drop_duplicates().reset_index(drop=True)
+    return CustomerExport(built, customer_table(users, n_purchases), vectors, purchases, info)
 
 
 @torch.no_grad()
@@ -238,6 +371,7 @@ def export_index(
     config: dict | None = None,
     warn_below: float = 0.9,
     force: bool = False,
+    users: bool = False,
 ) -> Path:
     """Embed the catalogue with ``ckpt_path``, build ``spec`` and write the export folder.
 
@@ -254,6 +388,8 @@ def export_index(
         config: the resolved run config, recorded in the manifest.
         warn_below: log a warning when the recall check comes out below this.
         force: export a checkpoint trained on processed data other than ``processed_dir``'s.
+        users: also export the customers (:func:`export_customers`); nothing about customers is
+            written without it.
 
     Returns:
         The export folder.
@@ -301,9 +437,17 @@ def export_index(
     _warn_low_recall(recall, warn_below, spec.name)
     index = built.index
 
+    customers = None
+    if users:
+        customers = export_customers(model, dm, spec, item_emb, vectors, recall_k, n_queries, seed)
+        if customers.info["recall"]["recall_item"] < warn_below:
+            log.warning("customer index recall@%d against exact search is %.3f (< %.2f)",
+                        customers.info["recall"]["k"], customers.info["recall"]["recall_item"], warn_below)  # fmt: skip
+
     manifest = _manifest(
         ckpt_path, model, dm, spec, built, items, recall, config, {"embed_seconds": embed_seconds}, tuned
     )
-    write_export(out, index, items, vectors, {**manifest, "seconds": round(time.perf_counter() - t_start, 3)}, overwrite)
+    manifest["seconds"] = round(time.perf_counter() - t_start, 3)
+    write_export(out, index, items, vectors, manifest, overwrite, customers)
     log.info("export written to %s", out)
     return out

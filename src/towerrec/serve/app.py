@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,8 +30,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from towerrec.retrieval import ExportError, ItemIndex, UnknownItemError
-from towerrec.serve.openapi import ADMIN, BAD_BODY, BATCH, NOT_FOUND, QUERY, RECOMMEND, stated_limits
+from towerrec.serve.openapi import (
+    ADMIN,
+    AUDIENCE,
+    BAD_BODY,
+    BATCH,
+    NOT_FOUND,
+    QUERY,
+    RECOMMEND,
+    stated_limits,
+)
 from towerrec.serve.schemas import (
+    AudienceRequest,
     BatchResults,
     ItemOut,
     Problem,
@@ -53,6 +63,7 @@ TOKEN_ENV = "TOWERREC_SERVE_ADMIN_TOKEN"
 #: The admin token, declared in OpenAPI as a bearer scheme (checked in the admin dependency).
 ADMIN_SCHEME = HTTPBearer(auto_error=False, scheme_name="adminToken",
                           description="the --admin-token of towerrec-serve (or $TOWERREC_SERVE_ADMIN_TOKEN)")  # fmt: skip
+AUDIENCE_TOKEN_ENV = "TOWERREC_SERVE_AUDIENCE_TOKEN"
 
 
 @dataclass
@@ -69,6 +80,7 @@ class ServeSettings:
         max_body_bytes: the largest request body (413 above).
         admin_token: enables ``/v1/admin/*`` (and SIGHUP reload); None leaves them off.
         workers: uvicorn worker processes (each maps the export's files: one copy of the vectors).
+        audience_token: enables ``POST /v1/audience`` (customer lists); None leaves it off.
     """
 
     export: str
@@ -80,6 +92,7 @@ class ServeSettings:
     max_body_bytes: int = 1_000_000
     admin_token: str | None = None
     workers: int = 1
+    audience_token: str | None = None
 
 
 class BodyLimit:
@@ -380,6 +393,55 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
     def recommend_batch(body: RecommendBatch) -> JSONResponse:
         """Many history queries in one request, answered from one export."""
         return answer_batch(recommend, body.queries)
+
+    # ------------------------------------------------------------------ audiences (customer data)
+    def audience_access(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not settings.audience_token:
+            raise HTTPException(
+                403, f"the audience endpoint is off: start towerrec-serve with --audience-token or {AUDIENCE_TOKEN_ENV}"
+            )
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.audience_token.encode()):
+            raise HTTPException(401, "audience token missing or wrong (send Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    audiences_of: dict[str, object] = {}  # manifest sha256 -> the export's Audiences, loaded once
+
+    @app.post(f"{API}/audience", tags=["audiences"], dependencies=[Depends(audience_access)], responses=AUDIENCE)
+    def audience(body: AudienceRequest) -> JSONResponse:
+        """The customers most likely to buy each campaign's items (needs the audience token and an
+        export written with ``users=true``). Customer ids are returned, never logged."""
+        from towerrec.retrieval.audience import (
+            AudienceError,
+            Campaign,
+            Filters,
+            load_audiences,
+            parse_segments,
+        )
+
+        served = holder.current
+        try:
+            if served.sha256 not in audiences_of:
+                audiences_of.clear()
+                audiences_of[served.sha256] = load_audiences(served.index)
+            aud = audiences_of[served.sha256]
+            campaigns = [Campaign(c.items, c.k, c.name) for c in body.campaigns]
+            filters = Filters(set(body.exclude), not body.include_buyers, parse_segments(body.segments))
+            table = aud.batch(campaigns, filters, body.aggregate, body.max_per_customer)
+        except ExportError as err:
+            raise HTTPException(409, str(err)) from None
+        except AudienceError as err:
+            status = 404 if "unknown item id" in str(err) else 422
+            raise HTTPException(status, str(err)) from None
+        answers = [
+            {
+                "campaign": c.name,
+                "items": c.items,
+                "customers": table[table["campaign"] == c.name].drop(columns="campaign").to_dict("records"),
+            }
+            for c in campaigns
+        ]
+        return JSONResponse({"aggregate": body.aggregate, "audiences": answers})
 
     @app.post(f"{API}/admin/reload", tags=["admin"], dependencies=[Depends(admin)], responses={**ADMIN, **BAD_BODY})
     async def reload() -> JSONResponse:

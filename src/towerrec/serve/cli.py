@@ -12,7 +12,14 @@ import os
 import sys
 
 from towerrec.retrieval import ExportError, load_export
-from towerrec.serve.app import SETTINGS_ENV, TOKEN_ENV, ServeSettings, create_app, settings_env
+from towerrec.serve.app import (
+    AUDIENCE_TOKEN_ENV,
+    SETTINGS_ENV,
+    TOKEN_ENV,
+    ServeSettings,
+    create_app,
+    settings_env,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", default="false", help="search on GPU: auto | true | false (default false)")
     p.add_argument("--admin-token", default=os.environ.get(TOKEN_ENV),
                    help=f"enables POST /v1/admin/reload and SIGHUP reload (default: ${TOKEN_ENV}; unset: off)")  # fmt: skip
+    p.add_argument("--audience-token", default=os.environ.get(AUDIENCE_TOKEN_ENV),
+                   help=f"enables POST /v1/audience, which returns customer lists (default: ${AUDIENCE_TOKEN_ENV}; unset: off)")  # fmt: skip
     p.add_argument("--max-k", type=int, default=100, help="largest k a query may ask for (default 100)")
     p.add_argument("--max-batch", type=int, default=100, help="most queries per batch request (default 100)")
     p.add_argument(
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         max_body_bytes=args.max_body_bytes,
         admin_token=args.admin_token or None,
         workers=args.workers,
+        audience_token=args.audience_token or None,
     )
     try:
         # Verified before uvicorn binds the port: a tampered or incomplete export never serves.

@@ -42,6 +42,14 @@ ADMIN = {
     403: _problem("admin endpoints are off (no --admin-token)"),
     409: {"description": "the export folder was refused; the old export keeps serving (the reason says why)"},
 }
+AUDIENCE = {
+    **BAD_BODY,
+    401: _problem("the audience token is missing or wrong (send Authorization: Bearer <token>)"),
+    403: _problem("the audience endpoint is off (no --audience-token)"),
+    404: NOT_FOUND[404],
+    409: _problem("the export holds no customer data (export it with users=true) or its customer files changed"),
+    422: _problem("an empty campaign, k beyond the customer count, a bad segment or a missing field (one line)"),
+}
 
 
 def _limit_schema(schema: dict, settings: ServeSettings) -> None:

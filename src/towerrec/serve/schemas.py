@@ -76,3 +76,24 @@ class Problem(BaseModel):
     """Every 4xx (and the unexpected 5xx) carries one line."""
 
     detail: str
+
+
+class CampaignIn(_Strict):
+    """One campaign of ``POST /v1/audience``."""
+
+    items: list[str] = Field(description="raw item ids; several: each customer scored by the best or mean match")
+    k: int = Field(100, ge=1, description="customers to return (at most the export's customer count)")
+    name: str = Field("", description="the campaign's name in the answer (default: the joined item ids)")
+
+
+class AudienceRequest(_Strict):
+    """Audiences of one or more campaigns (an export written with ``users=true``)."""
+
+    campaigns: list[CampaignIn] = Field(min_length=1)
+    aggregate: str = Field("max", pattern="^(max|mean)$", description="a several-item campaign: best or mean match")
+    exclude: list[str] = Field(default_factory=list, description="customer ids never returned (opt-outs)")
+    include_buyers: bool = Field(False, description="keep customers who already bought a campaign item")
+    segments: list[str] = Field(
+        default_factory=list, description="prepared segments to keep: lifecycle=active, rfm_r=3, R3F3M3 ..."
+    )
+    max_per_customer: int | None = Field(None, ge=1, description="audiences per customer at most, across campaigns")
