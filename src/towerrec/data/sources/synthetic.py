@@ -63,7 +63,7 @@ P_HOUSE_BRAND = 0.25  # a brand weakly hints at the colour (brand % 8 == colour)
 _CATALOG, _IMAGES, _USERS, _EVENTS = range(4)
 # Purchases per chunk of users (a chunk is at least one user). The default shop is one chunk, drawn
 # from the stream [seed, _EVENTS]; chunk c > 0 draws from [seed, _EVENTS, c].
-CHUNK_INTERACTIONS = 2_000_000
+CHUNK_INTERACTIONS = 1_000_000
 
 
 @dataclass
@@ -93,7 +93,9 @@ def generate_synthetic(con: duckdb.DuckDBPyConnection | None = None, **params) -
 
     Args:
         con: a preparing build's DuckDB connection: the interactions are written into its engine
-            table ``inter`` chunk by chunk, and the dataset's ``interactions`` is that table's name.
+            table ``inter`` chunk by chunk, and the dataset's ``interactions`` is that table's name. Its
+            ``users`` is then empty: the generator gives users no attributes, and every user has
+            purchases, so the interactions name them all.
     """
     return generate_synthetic_with_truth(con=con, **params)[0]
 
@@ -130,7 +132,6 @@ def generate_synthetic_with_truth(
         catalog.shape, catalog.colour, catalog.pattern, image_size, np.random.default_rng([seed, _IMAGES])
     )
     users = _draw_users(n_users, n_categories, n_interactions, days, np.random.default_rng([seed, _USERS]))
-    user_ids = pd.Series(_ids("U", n_users), dtype="str")
     item_ids = pd.Series(_ids("S", n_items), dtype="str")
     chunks = []
     row = 0
@@ -139,7 +140,9 @@ def generate_synthetic_with_truth(
         user, item, seconds = _draw_purchases(
             catalog, users.slice(lo, hi), complement, days, release_day, rng
         )
-        frame = _purchase_log(user + lo, item, seconds, user_ids, item_ids)
+        # The chunk's own user ids only: millions of id strings never exist at once.
+        user_ids = pd.Series(_ids("U", n_users, lo, hi), dtype="str")
+        frame = _purchase_log(user, item, seconds, user_ids, item_ids)
         if con is None:
             chunks.append(frame)
         else:
@@ -150,7 +153,7 @@ def generate_synthetic_with_truth(
     )
     dataset = RawDataset(
         interactions=interactions,
-        **_catalog_frames(catalog, item_ids, user_ids, n_categories),
+        **_catalog_frames(catalog, item_ids, n_users if con is None else 0, n_categories),
         categorical=["category", "brand"],
         text=["title"],
         images=images,
@@ -305,9 +308,10 @@ def _purchase_log(
 
 
 def _catalog_frames(
-    catalog: _Catalog, item_ids: pd.Series, user_ids: pd.Series, n_categories: int
+    catalog: _Catalog, item_ids: pd.Series, n_users: int, n_categories: int
 ) -> dict[str, pd.DataFrame]:
-    """The catalog table and the users."""
+    """The catalog table and the users (ids only; none for ``n_users=0``: every user has purchases,
+    so the interactions name them all)."""
     n_items = len(catalog.category)
     names = category_names(n_categories)
     brands = pd.Series([f"brand {b:02d}" for b in range(N_BRANDS)], dtype="str")
@@ -320,7 +324,7 @@ def _catalog_frames(
             "image_path": pd.Series([None] * n_items, dtype=object),
         }
     )
-    return {"items": items, "users": pd.DataFrame({"user_id": user_ids})}
+    return {"items": items, "users": pd.DataFrame({"user_id": pd.Series(_ids("U", n_users), dtype="str")})}
 
 
 def category_names(n_categories: int) -> list[str]:
@@ -583,9 +587,10 @@ def _normalised(w: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
-def _ids(prefix: str, n: int) -> list[str]:
+def _ids(prefix: str, n: int, lo: int = 0, hi: int | None = None) -> list[str]:
+    """Ids ``lo`` to ``hi - 1`` (all by default) of ``n``, zero-padded to one width for all ``n``."""
     width = max(6, len(str(n - 1)))
-    return [f"{prefix}{i:0{width}d}" for i in range(n)]
+    return [f"{prefix}{i:0{width}d}" for i in range(lo, n if hi is None else hi)]
 
 
 def _titles(names: list[str], category: np.ndarray) -> pd.Series:
