@@ -312,11 +312,27 @@ class RFMAudience(AudienceScorer):
     name = "rfm"
 
     def fit(self, task, dm):
-        from towerrec.data.prepare import customer_segments
+        import duckdb
+
+        from towerrec.data.prepare import customer_segments, user_activity
 
         super().fit(task, dm)
         n_users = int(dm.users["user_idx"].max())
-        seg = customer_segments(task.history, n_users, task.window_start, 60, 60).set_index("user_idx")
+        h = task.history
+        rows = pd.DataFrame(
+            {
+                "user_idx": h["user_idx"].to_numpy(),
+                "ts": h["timestamp"].to_numpy(dtype="datetime64[ns]").view("i8"),
+            }
+        )
+        for c in ("price", "quantity"):
+            if c in h:
+                rows[c] = h[c].to_numpy()
+        rows["split"] = 0  # the history before the window plays the training split
+        with duckdb.connect() as con:
+            con.register("history", rows)
+            activity = user_activity(con, "history")  # the prepared segments' own aggregates
+        seg = customer_segments(activity, n_users, task.window_start, 60, 60).set_index("user_idx")
         seg = seg.reindex(task.customers)
         rfm = (seg["rfm_r"] + seg["rfm_f"] + seg["rfm_m"]).to_numpy(dtype=np.float64)
         spend = seg["monetary"].rank(pct=True).fillna(0).to_numpy(dtype=np.float64)  # in (0, 1]: a tie-break
