@@ -24,6 +24,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -71,19 +72,15 @@ def _invalid_utf8_message(path: Path) -> str:
     return f"{path.name}: not UTF-8 text"
 
 
-def read_csv_chunks(path: str | os.PathLike, chunk_rows: int, **kw) -> Iterator[pd.DataFrame]:
-    """:func:`read_csv_utf8` a chunk of ``chunk_rows`` rows at a time, with the same one-line errors.
-
-    The chunks' indexes continue from one to the next, so row numbers in messages are the file's.
-    """
-    path = Path(path)
+@contextmanager
+def _csv_reading(path: Path, kw: dict) -> Iterator[None]:
+    """Check the file exists, default the NA handling, and turn pandas' read errors into one-line DataErrors."""
     kw.setdefault("keep_default_na", False)
     kw.setdefault("na_values", [""])
     if not path.is_file():
         raise DataError(f"{path.name}: file not found ({path})")
     try:
-        with pd.read_csv(path, encoding="utf-8", chunksize=chunk_rows, **kw) as reader:
-            yield from reader
+        yield
     except UnicodeDecodeError:
         raise DataError(_invalid_utf8_message(path)) from None
     except pd.errors.EmptyDataError:
@@ -91,6 +88,16 @@ def read_csv_chunks(path: str | os.PathLike, chunk_rows: int, **kw) -> Iterator[
     except pd.errors.ParserError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path.name}: malformed CSV: {first}") from None
+
+
+def read_csv_chunks(path: str | os.PathLike, chunk_rows: int, **kw) -> Iterator[pd.DataFrame]:
+    """:func:`read_csv_utf8` a chunk of ``chunk_rows`` rows at a time, with the same one-line errors.
+
+    The chunks' indexes continue from one to the next, so row numbers in messages are the file's.
+    """
+    path = Path(path)
+    with _csv_reading(path, kw), pd.read_csv(path, encoding="utf-8", chunksize=chunk_rows, **kw) as reader:
+        yield from reader
 
 
 def read_csv_utf8(path: str | os.PathLike, **kw) -> pd.DataFrame:
@@ -104,19 +111,8 @@ def read_csv_utf8(path: str | os.PathLike, **kw) -> pd.DataFrame:
         **kw: passed to :func:`pandas.read_csv`.
     """
     path = Path(path)
-    kw.setdefault("keep_default_na", False)
-    kw.setdefault("na_values", [""])
-    if not path.is_file():
-        raise DataError(f"{path.name}: file not found ({path})")
-    try:
+    with _csv_reading(path, kw):
         return pd.read_csv(path, encoding="utf-8", **kw)
-    except UnicodeDecodeError:
-        raise DataError(_invalid_utf8_message(path)) from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path.name}: empty file (no header row)") from None
-    except pd.errors.ParserError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path.name}: malformed CSV: {first}") from None
 
 
 def require_columns(df: pd.DataFrame, required: Iterable[str], file: str) -> None:
