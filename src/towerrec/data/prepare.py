@@ -448,9 +448,8 @@ def _build(settings: PrepareSettings, workers: int) -> None:
         raw = _load(settings, con)
         table = _interactions_table(con, raw)
         if list(raw.users.columns) == ["user_id"]:
-            raw.users = raw.users.iloc[
-                :0
-            ]  # ids only (the generator's): user_map has them; free millions of strings
+            # Ids without attributes: the user map built from the interactions has them all.
+            raw.users = raw.users.iloc[:0]
 
         def step(result: tuple[str, Any]) -> Any:
             """Keep the step's table, drop the one it replaces (they are as large as the data)."""
