@@ -243,6 +243,7 @@ def test_cli_needs_something_to_evaluate(tmp_path):
 
 # ---------------------------------------------------------------- H&M
 @pytest.mark.hm
+@pytest.mark.slow
 @pytest.mark.skipif(not (HM_ROOT / "transactions.csv").is_file(), reason=f"H&M sample not found at {HM_ROOT}")
 def test_hm_repurchase_beats_popularity_as_in_the_reference(tmp_path):
     """30-day temporal test split, the 265 customers who bought after the cut, Recall@20.

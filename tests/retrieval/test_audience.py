@@ -244,6 +244,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # three CLI processes; the API's options and errors have quick tests above
 def test_cli_writes_csv_and_parquet_and_refuses_in_one_line(aud, customer_exports, tmp_path):
     export = str(customer_exports["flat"])
     items = aud.items.items["item_id"].iloc[[5, 6]].tolist()
