@@ -5,7 +5,7 @@ For each catalogue size, random unit vectors (users and items) are ranked three 
 * **bare**: ``users @ items.T`` and ``torch.topk`` per chunk of users, nothing else, timed with
   ``--bare-chunk`` users per chunk (1,024, as in issue 12) and with score_topk's own chunk size; the
   faster of the two is the floor;
-* **score_topk**: :func:`towerrec.evaluation.metrics.score_topk` as evaluation calls it: seen items
+* **score_topk**: :func:`towerrec.ranking.score_topk` as evaluation calls it: seen items
   masked (``--seen`` random items per user), PAD masked, ties broken along the fixed tie order and the
   result made deterministic;
 * the same with ``shuffle_ties=False`` (ties by lower index, as the baselines rank).
@@ -31,8 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from towerrec.evaluation.metrics import chunk_rows, score_topk
 from towerrec.fileio import markdown_table
+from towerrec.ranking import chunk_rows, score_topk
 
 
 def sync(device: torch.device) -> None:

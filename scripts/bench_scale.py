@@ -84,8 +84,8 @@ def child_train(size: str, root: Path, args) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf, open_dict
 
-    from towerrec.evaluation.metrics import aggregate, rank_metrics
     from towerrec.models.two_tower import TwoTowerModule
+    from towerrec.ranking import aggregate, rank_metrics
 
     torch.set_num_threads(args.threads)
     cfg = _compose("train", [*data_overrides(size, root), "logger=none", "callbacks=none", *args.overrides])

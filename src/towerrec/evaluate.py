@@ -1,7 +1,7 @@
 """``towerrec-eval``: full-ranking metrics of a trained checkpoint and/or baselines, in one table.
 
 Every scorer takes the same path: scores over the whole catalogue for chunks of users
-(:func:`~towerrec.evaluation.metrics.topk_from_scorer`, seen items masked when the data config says so),
+(:func:`~towerrec.ranking.topk_from_scorer`, seen items masked when the data config says so),
 then :func:`~towerrec.evaluation.evaluator.evaluate_split` for the slices. Only full ranking is
 implemented: sampled metrics (the target ranked among 100 random negatives) are not, on purpose, since
 they overstate quality and can reorder models.

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from towerrec.evaluation.metrics import (
+from towerrec.ranking import (
     PAD,
     aggregate,
     bootstrap_interval,

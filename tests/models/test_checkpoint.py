@@ -62,7 +62,7 @@ def test_plain_trainer_fit_checkpoint_rebuilds_the_same_model(fitted):
 def test_score_split_reports_image_diversity_of_the_ranked_lists(fitted):
     from towerrec.data.features import image_features
     from towerrec.evaluation.evaluator import score_split
-    from towerrec.evaluation.metrics import intra_list_diversity_at_k
+    from towerrec.ranking import intra_list_diversity_at_k
 
     _, model, dm = fitted
     split = dm.test_split

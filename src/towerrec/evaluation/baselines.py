@@ -32,11 +32,9 @@ from torch import Tensor
 from towerrec.data.datamodule import EvalSplit, SequenceDataModule
 from towerrec.data.features import content_features, sparse
 from towerrec.data.splits import EVAL_SPLITS, history_splits
-from towerrec.evaluation.evaluator import seen_pairs
-from towerrec.evaluation.metrics import PAD, topk_from_scorer
+from towerrec.ranking import PAD, seen_pairs, topk_from_scorer
 
 Count = Literal["events", "units"]
-
 
 
 # ----------------------------------------------------------------------------- helpers

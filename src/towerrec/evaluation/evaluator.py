@@ -2,7 +2,7 @@
 
 Every scorer (the two-tower model, each baseline, a FAISS index) produces top-k item lists for the
 users of an :class:`~towerrec.data.datamodule.EvalSplit`; :func:`evaluate_split` turns them into the
-same table. Slices are masks over one result, computed by :mod:`towerrec.evaluation.metrics`.
+same table. Slices are masks over one result, computed by :mod:`towerrec.ranking`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from towerrec.data.features import ItemFeatures
-from towerrec.evaluation.metrics import (
+from towerrec.fileio import markdown_table
+from towerrec.ranking import (
     PAD,
     aggregate,
     bootstrap_interval,
@@ -25,7 +26,6 @@ from towerrec.evaluation.metrics import (
     popularity_percentile_at_k,
     rank_metrics,
 )
-from towerrec.fileio import markdown_table
 
 #: The item slices every result has; each also gets a bootstrap interval of its recall and NDCG.
 ITEM_SLICES = ("all", "warm_items", "cold_items")
@@ -34,14 +34,6 @@ INTERVAL_METRICS = ("recall", "ndcg")
 
 #: History-length buckets (inclusive bounds) for user slices.
 HISTORY_BUCKETS: list[tuple[str, int, float]] = [("0", 0, 0), ("1", 1, 1), ("2-4", 2, 4), ("5-9", 5, 9), ("10+", 10, math.inf)]
-
-
-def seen_pairs(seen: Tensor | None) -> tuple[Tensor, Tensor] | None:
-    """(user_row, item) pairs from a right-padded ``(U, S)`` seen-items matrix."""
-    if seen is None:
-        return None
-    rows, cols = (seen != PAD).nonzero(as_tuple=True)
-    return rows, seen[rows, cols]
 
 
 def item_slices_per_user(topk: Tensor, split, is_cold: Tensor, ks: list[int]) -> dict[str, dict[str, Tensor]]:

@@ -2,7 +2,7 @@
 
 Two models scored on the same split rank for the same users, so their per-user metrics are paired. The
 difference ``d_u = a_u - b_u`` of each user carries the comparison: its mean is the effect, a
-percentile bootstrap over users (:func:`~towerrec.evaluation.metrics.bootstrap_interval` of ``d``) its
+percentile bootstrap over users (:func:`~towerrec.ranking.bootstrap_interval` of ``d``) its
 95% interval, and a sign-flip test its p-value. Overlapping per-model intervals do not show that two
 models are equal; the paired test is the tool for that question.
 
@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from towerrec.evaluation.metrics import bootstrap_interval
 from towerrec.evaluation.per_user import pair_keys
+from towerrec.ranking import bootstrap_interval
 
 #: Random sign patterns of the sign-flip test and bootstrap resamples of the interval.
 N_FLIPS = 10_000

@@ -11,10 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from towerrec.evaluation.evaluator import seen_pairs
-from towerrec.evaluation.metrics import aggregate, rank_metrics, score_topk
 from towerrec.models.components.item_tower import ItemTower
 from towerrec.models.components.loss import SampledSoftmaxLoss
+from towerrec.ranking import aggregate, rank_metrics, score_topk, seen_pairs
 
 
 class TwoTowerModule(L.LightningModule):
@@ -110,7 +109,9 @@ class TwoTowerModule(L.LightningModule):
         h = F.normalize(self.user_tower(tower.learned_part(hist_emb), pad), dim=-1)  # (B, L, D), causal
         if tower.sketch is None:
             return h
-        s = tower.sketch.user(tower.sketch_part(hist_emb), pad)[:, -h.shape[1] :]  # (the transformer keeps max_len)
+        s = tower.sketch.user(tower.sketch_part(hist_emb), pad)[
+            :, -h.shape[1] :
+        ]  # (the transformer keeps max_len)
         return F.normalize(torch.cat([h, s], dim=-1), dim=-1)
 
     def user_embeddings(self, history: Tensor, item_emb: Tensor | None = None) -> Tensor:
@@ -160,7 +161,7 @@ class TwoTowerModule(L.LightningModule):
 
         Validation, testing, ``towerrec-eval`` and the export's recall check all rank through here.
         Scores are dot products of unit-norm vectors; ties follow the fixed random item order
-        (:func:`~towerrec.evaluation.metrics.tie_order`); padding is never recommended.
+        (:func:`~towerrec.ranking.tie_order`); padding is never recommended.
 
         Args:
             history: item indices, most recent last.
@@ -168,7 +169,7 @@ class TwoTowerModule(L.LightningModule):
             seen: ``(U, S)`` right-padded items masked per user (already bought), or None.
             item_emb: ``(N+1, D')`` item vectors, when the caller has them (eval mode, no ID dropout).
             chunk_size: users embedded at once; scores go in chunks sized from a memory budget
-                (:func:`~towerrec.evaluation.metrics.chunk_rows`).
+                (:func:`~towerrec.ranking.chunk_rows`).
 
         Returns:
             ``(U, k)`` long item indices, best first, on the device of the item vectors.
@@ -178,7 +179,10 @@ class TwoTowerModule(L.LightningModule):
         if len(history) == 0:
             return torch.empty(0, k, dtype=torch.long, device=device)
         users = torch.cat(
-            [self.user_embeddings(history[i : i + chunk_size].to(device), item_emb) for i in range(0, len(history), chunk_size)]
+            [
+                self.user_embeddings(history[i : i + chunk_size].to(device), item_emb)
+                for i in range(0, len(history), chunk_size)
+            ]
         )  # (U, D')
         return score_topk(users, item_emb, k, seen=seen_pairs(seen))
 
@@ -215,4 +219,7 @@ class TwoTowerModule(L.LightningModule):
         opt = self.optimizer(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(optimizer=opt), "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": self.scheduler(optimizer=opt), "interval": "step"},
+        }

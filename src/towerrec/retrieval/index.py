@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 import torch
 
-from towerrec.evaluation.metrics import aggregate, rank_metrics
+from towerrec.ranking import aggregate, rank_metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""The one metrics module: top-k retrieval over the full catalogue and the metrics computed on it.
+"""Ranking and the metric formulas, torch only: top-k over the full catalogue and the metrics on it.
+
+It sits below ``models/``, ``retrieval/`` and ``evaluation/``, which all import it and nothing of each
+other's for ranking; ``evaluation/`` adds the slices over the data, baselines, reports and statistics.
 
 Validation, testing, the baselines and the FAISS index check all call these functions, so every number the
 project reports is computed by the same code. The flow is:
@@ -34,6 +37,14 @@ SeenPairs = tuple[Tensor, Tensor]
 
 #: Memory for one chunk's ``(b, N)`` float32 score matrix when the caller does not set a chunk size.
 CHUNK_BYTES = 256 * 2**20
+
+
+def seen_pairs(seen: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """(user_row, item) pairs from a right-padded ``(U, S)`` seen-items matrix."""
+    if seen is None:
+        return None
+    rows, cols = (seen != PAD).nonzero(as_tuple=True)
+    return rows, seen[rows, cols]
 
 
 def mask_seen(scores: Tensor, seen_rows: Tensor, seen_items: Tensor) -> Tensor:
