@@ -150,7 +150,7 @@ def bench_loaded_export(path: Path, queries, exact, args) -> dict:
 def crossover(sizes: list[int], d: int, k: int, target: float, seed: int) -> str:
     """Exact ``Flat`` against ``HNSW32,Flat`` tuned to ``target`` on clustered catalogues of each size:
     single-threaded ms per query (the serving cost), for ``factory: auto``'s ``flat_below``."""
-    from towerrec.retrieval.synthetic import clustered_unit
+    from towerrec.retrieval.vectors import clustered_unit
     from towerrec.retrieval.tune import measure, tune
 
     rows = []
@@ -190,7 +190,7 @@ def catalogue_file(workdir: Path, catalog: str, n: int, d: int, n_queries: int, 
     first ``n`` are indexed, the rest are held-out queries (as user queries are not catalogue items)."""
     from numpy.lib.format import open_memmap
 
-    from towerrec.retrieval.synthetic import clustered_unit, random_unit
+    from towerrec.retrieval.vectors import clustered_unit, random_unit
 
     path = workdir / f"{catalog}_{n}x{d}_s{seed}.npy"
     if not path.exists():

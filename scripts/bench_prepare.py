@@ -3,7 +3,7 @@
 Every prepare runs in a child process (this script with ``--child``), so its wall time includes what a
 user waits for and its peak RSS is that process's own (``os.wait4``), untouched by this process.
 The child composes the real ``prepare`` config with ``hydra.compose`` and calls
-:func:`towerrec.data.prepare.prepare` into a temporary processed folder (never ``data/processed``).
+:func:`towerrec.data.build.prepare` into a temporary processed folder (never ``data/processed``).
 
     python scripts/bench_prepare.py                          # H&M x2 + traced run + no-op, then 1M/10M/100M
     python scripts/bench_prepare.py --skip-scale --repeats 3
@@ -128,7 +128,7 @@ def child_main(spec: dict) -> None:
     from hydra import compose, initialize_config_dir
 
     from towerrec import CONFIG_DIR
-    from towerrec.data import prepare as prepare_mod
+    from towerrec.data import build as prepare_mod
     from towerrec.data.sources import hm, synthetic
 
     t_import = time.perf_counter()

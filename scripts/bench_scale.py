@@ -71,7 +71,7 @@ def _compose(name: str, overrides: list[str]):
 
 # ----------------------------------------------------------------------------- children
 def child_prepare(size: str, root: Path, args) -> dict:
-    from towerrec.data.prepare import prepare
+    from towerrec.data.build import prepare
 
     cfg = _compose("prepare", data_overrides(size, root))
     prepare(cfg.data, force=True, workers=args.workers)

@@ -50,11 +50,11 @@ def synthetic_export(
 
     from towerrec import CONFIG_DIR
     from towerrec.fileio import file_sha256
-    from towerrec.retrieval.export import write_export
+    from towerrec.retrieval.folder import FORMAT
     from towerrec.retrieval.index import METRIC_NAME, build_index, exact_search, measure_recall
-    from towerrec.retrieval.manifest import FORMAT
-    from towerrec.retrieval.synthetic import clustered_unit, random_unit
+    from towerrec.retrieval.vectors import clustered_unit, random_unit
     from towerrec.retrieval.tune import tune_built
+    from towerrec.retrieval.writer import write_export
 
     rng = np.random.default_rng(seed)
     make = clustered_unit if catalog == "clustered" else random_unit
@@ -111,7 +111,7 @@ def tiny_checkpoint(root: Path, dim: int) -> Path:
     from hydra import compose, initialize_config_dir
 
     from towerrec import CONFIG_DIR
-    from towerrec.train import train
+    from towerrec.commands.train import train
 
     overrides = [
         f"data.processed_dir={root / 'processed'}", f"paths.output_dir={root / 'run'}",
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     token = secrets.token_hex(16)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "towerrec.serve.cli", "--export", str(export), "--port", str(port),
+    cmd = [sys.executable, "-m", "towerrec.commands.serve", "--export", str(export), "--port", str(port),
            "--admin-token", token, "--no-access-log", "--threads", str(args.threads), "--log-level", "warning",
            "--workers", str(args.workers)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}

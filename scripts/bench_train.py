@@ -51,7 +51,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from towerrec import CONFIG_DIR
-from towerrec.train import build
+from towerrec.commands.train import build
 
 CONFIG_OVERRIDES = {"synthetic": ["experiment=synthetic"], "hm_fusion": ["experiment=hm_fusion"]}
 FROZEN = "model.item_tower.image_encoder.trainable=false"

@@ -30,8 +30,8 @@ from hydra import compose, initialize_config_dir
 
 from towerrec import CONFIG_DIR
 from towerrec.backtest import fold_data_configs, is_rolling, prepare_folds
+from towerrec.data.build import ensure_prepared
 from towerrec.data.manifest import load_manifest
-from towerrec.data.prepare import ensure_prepared
 from towerrec.data.schema import DataError
 from towerrec.data.sentence_features import (
     SENTENCE_COLUMNS,

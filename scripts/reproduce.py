@@ -3,10 +3,10 @@
     python scripts/reproduce.py preset=hm
     python scripts/reproduce.py seeds=[0] baselines=[popularity] 'train_overrides=["trainer.max_epochs=3"]'
 
-See :mod:`towerrec.reproduce` and ``configs/reproduce.yaml``.
+See :mod:`towerrec.commands.reproduce` and ``configs/reproduce.yaml``.
 """
 
-from towerrec.reproduce import main
+from towerrec.commands.reproduce import main
 
 if __name__ == "__main__":
     main()

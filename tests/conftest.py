@@ -96,7 +96,7 @@ def index_spec(name: str, **overrides):
 
 def train_tiny(root: Path, *extra: str) -> Path:
     """A one-epoch, two-batch checkpoint on a 150-item synthetic shop (dim 16)."""
-    from towerrec.train import train
+    from towerrec.commands.train import train
 
     overrides = [
         f"data.processed_dir={root / 'processed'}",

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
-from towerrec.evaluate import evaluate
+from towerrec.commands.evaluate import evaluate
+from towerrec.commands.reproduce import reproduce
 from towerrec.evaluation.per_user import read_per_user, write_per_user
 from towerrec.evaluation.report import pooled_per_user
 from towerrec.evaluation.stats import compare_per_user
-from towerrec.reproduce import reproduce
 
 ROLLING = ["data.split.method=rolling", "+data.split.folds=2", "+data.split.window_days=5", "data.split.val_days=4"]
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 from conftest import TINY_DATA, compose_cfg
 
-from towerrec.data.prepare import ensure_prepared
-from towerrec.train import build
+from towerrec.commands.train import build
+from towerrec.data.build import ensure_prepared
 
 #: Tiny data, but batches large enough (64 windows x 20 positions x 32 dims) that the backward of
 #: the history gather runs on both threads, where its order is not fixed without
@@ -54,7 +54,7 @@ def processed(tmp_path_factory) -> Path:
 
 
 def _start(processed: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "towerrec.train", *ARGS, f"data.processed_dir={processed}", f"hydra.run.dir={run_dir}", *extra]
+    cmd = [sys.executable, "-m", "towerrec.commands.train", *ARGS, f"data.processed_dir={processed}", f"hydra.run.dir={run_dir}", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)  # the bar is on stdout
 

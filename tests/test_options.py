@@ -19,11 +19,11 @@ import torch
 import torchvision
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
+from towerrec.commands.similar import main as similar_main
+from towerrec.commands.train import train
 from towerrec.models.checkpoint import load_trained
 from towerrec.models.components.image_encoder import TorchvisionEncoder
 from towerrec.models.components.sequence_encoders import GRUEncoder
-from towerrec.similar import main as similar_main
-from towerrec.train import train
 
 
 def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -78,7 +78,7 @@ def test_every_logger_option_trains_with_the_default_callbacks(logger, tiny_proc
 
 
 def test_cfg_job_prints_what_would_run(tmp_path):
-    proc = _cli("towerrec.train", "--cfg", "job", cwd=tmp_path)
+    proc = _cli("towerrec.commands.train", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "deterministic: true" in proc.stdout and "_target_: towerrec.models.two_tower.TwoTowerModule" in proc.stdout
     assert not (tmp_path / "outputs").exists()  # nothing ran
@@ -138,7 +138,7 @@ def test_readme_training_examples(line, took_effect, tiny_processed_dir, tmp_pat
 def test_export_line_then_query_lines(tiny_train_cfg, tmp_path, capsys):
     metrics = train(tiny_train_cfg())
     out = tmp_path / "exports" / "hnsw"
-    proc = _cli("towerrec.export", f"ckpt_path={metrics['best_checkpoint']}", "index=hnsw", f"out_dir={out}",
+    proc = _cli("towerrec.commands.export", f"ckpt_path={metrics['best_checkpoint']}", "index=hnsw", f"out_dir={out}",
                 f"hydra.run.dir={tmp_path / 'export_run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -148,7 +148,7 @@ def test_export_line_then_query_lines(tiny_train_cfg, tmp_path, capsys):
 
     ids = load_export(out).items["item_id"].tolist()
     png = tmp_path / "similar.png"
-    proc = _cli("towerrec.similar", "--export", str(out), "--item", ids[0], "-k", "10", "--grid", str(png), cwd=tmp_path)
+    proc = _cli("towerrec.commands.similar", "--export", str(out), "--item", ids[0], "-k", "10", "--grid", str(png), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("\n|") >= 11 and png.read_bytes()[:4] == b"\x89PNG"
     # towerrec-similar --export exports/hnsw --history <id>,<id> --json (in-process: the same main)

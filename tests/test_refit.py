@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
-from towerrec.compare import compare
+from towerrec.commands.compare import compare
+from towerrec.commands.train import train
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.schema import DataError
 from towerrec.models.checkpoint import load_trained
-from towerrec.train import train
 
 
 @pytest.fixture(scope="module")

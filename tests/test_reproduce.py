@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
 from towerrec import PROJECT_ROOT
+from towerrec.commands.reproduce import reproduce
 from towerrec.evaluation.report import (
     best_baseline,
     compare_to_baseline,
@@ -21,7 +22,6 @@ from towerrec.evaluation.report import (
     mean_std,
     pooled_intervals,
 )
-from towerrec.reproduce import reproduce
 
 EXPERIMENTS = ["synthetic_fusion", "synthetic_no_image"]
 BASELINES = ["popularity", "repurchase"]
@@ -224,8 +224,8 @@ def test_pooled_intervals_average_each_user_over_seeds_first():
 @pytest.mark.parametrize("preset", ["synthetic", "hm", "hm_30d"])
 def test_every_preset_composes_its_ablations_on_one_data_config(preset, tmp_path):
     """Each preset's runs compose (no typo in a variant) and differ from the first only where they ablate."""
+    from towerrec.commands.reproduce import compose_runs
     from towerrec.data.settings import config_hash
-    from towerrec.reproduce import compose_runs
 
     cfg = compose_cfg("reproduce", [f"preset={preset}", "seeds=[0]"], tmp_path / "out")
     runs = {name: run for name, _, run in compose_runs(cfg, tmp_path / "out", [10, 12, 20])}

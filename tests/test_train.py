@@ -14,7 +14,7 @@ import torch
 from conftest import HM_ROOT, TINY_DATA, TINY_TRAIN, compose_cfg, needs_hm
 
 from towerrec import CONFIG_DIR
-from towerrec.train import train
+from towerrec.commands.train import train
 
 # The *_pretrained experiments need the extras and 128-px images: tests/models/test_pretrained.py runs them.
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if "pretrained" not in p.stem)

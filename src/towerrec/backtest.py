@@ -14,7 +14,7 @@ config is rolling. Each fold is an ordinary run in ``<out>/fold<f>/``; the poole
 metrics over every evaluated (fold, user) pair, with bootstrap intervals over those pairs, written
 beside them. Pooled per-user files carry a ``fold`` column, so paired tests match (fold, user_idx).
 
-With ``refit=true`` each fold is a refit run (:func:`towerrec.train.refit`): the epoch count is
+With ``refit=true`` each fold is a refit run (:func:`towerrec.commands.train.refit`): the epoch count is
 chosen on the fold's validation window (``fold<f>/select``), then the model is retrained on the fold's
 training + validation interactions and tested on its window.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from towerrec.data.prepare import ensure_prepared, read_manifest
+from towerrec.data.build import ensure_prepared, read_manifest
 from towerrec.data.schema import DataError
 from towerrec.data.settings import SplitSettings, split_settings
 from towerrec.evaluation.evaluator import format_table, frame_metrics

@@ -109,7 +109,7 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
 
     The temporary name is unique per process and call, so concurrent writers never share one. Writers
     that must not both build the same folder should also hold a lock (see
-    :func:`towerrec.data.prepare.ensure_prepared`).
+    :func:`towerrec.data.build.ensure_prepared`).
 
     Args:
         out: the folder to (re)place.

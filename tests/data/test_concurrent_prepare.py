@@ -14,8 +14,8 @@ import pytest
 from conftest import TINY_DATA, TINY_TRAIN, compose_cfg
 
 from towerrec import CONFIG_DIR
+from towerrec.data.build import ensure_prepared, prepare
 from towerrec.data.manifest import load_manifest, read_manifest
-from towerrec.data.prepare import ensure_prepared, prepare
 from towerrec.data.schema import DataError
 
 # A child that composes the prepare config, signals it is ready, waits for "go", then prepares.
@@ -24,7 +24,7 @@ CHILD = r"""
 import logging, sys, time
 from pathlib import Path
 from hydra import compose, initialize_config_dir
-from towerrec.data.prepare import PrepareSettings, prepare
+from towerrec.data.build import PrepareSettings, prepare
 config_dir, barrier, force, *overrides = sys.argv[1:]
 logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
 with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
@@ -60,7 +60,7 @@ def test_two_processes_racing_on_a_fresh_folder(tmp_path, force):
     Path(barrier + ".go").touch()
     logs = [c.communicate(timeout=300)[1] for c in children]
     assert [c.returncode for c in children] == [0, 0], logs
-    built = [i for i, log in enumerate(logs) if "towerrec.data.prepare prepared " in log]
+    built = [i for i, log in enumerate(logs) if "towerrec.data.build prepared " in log]
     assert len(built) == 1, logs  # exactly one process built the folder
     waiter = logs[1 - built[0]]
     assert "another process is preparing it" in waiter and "was prepared by another process" in waiter, waiter
@@ -141,7 +141,7 @@ def test_parallel_multirun_on_unprepared_data(tmp_path):
     out = tmp_path / "proc"
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2", *TINY_DATA,
             f"data.processed_dir={out}", *TINY_TRAIN, f"hydra.sweep.dir={tmp_path}/sweep"]
-    proc = subprocess.run([sys.executable, "-m", "towerrec.train", *args], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "towerrec.commands.train", *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").glob("[0-9]"))

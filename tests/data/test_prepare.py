@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import HM_ROOT, TINY_DATA, compose_cfg, needs_hm
 
+from towerrec.data.build import PrepareSettings, config_hash, is_up_to_date, prepare
 from towerrec.data.datamodule import SequenceDataModule, train_windows
-from towerrec.data.prepare import PrepareSettings, config_hash, is_up_to_date, prepare
 from towerrec.data.schema import DataError
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import HAS_HM, HM_ROOT, compose_cfg
 
 from towerrec.data import engine
-from towerrec.data.prepare import prepare
+from towerrec.data.build import prepare
 from towerrec.data.schema import DataError
 from towerrec.data.sources import synthetic
 from towerrec.data.sources.table import load_table

@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from towerrec import CONFIG_DIR
-from towerrec.data.prepare import ensure_prepared
-from towerrec.data.report import PLOTS, summarize, write_report
+from towerrec.data.build import ensure_prepared
+from towerrec.data.profile import PLOTS, summarize, write_report
 
 SMALL = ["data.source.n_users=200", "data.source.n_items=150", "data.source.n_interactions=3000"]
 
@@ -103,7 +103,7 @@ def test_unprepared_folder_is_an_error(tmp_path):
 
 
 def test_cli_prepares_and_prints_the_report(tmp_path, monkeypatch, capsys):
-    from towerrec.data_report import main
+    from towerrec.commands.data_report import main
 
     argv = [
         "towerrec-data-report",

@@ -9,8 +9,8 @@ from omegaconf import open_dict
 
 from tests.conftest import TINY_DATA, compose_cfg
 from towerrec.backtest import fold_data_configs, prepare_folds
+from towerrec.data.build import ensure_prepared
 from towerrec.data.datamodule import SequenceDataModule
-from towerrec.data.prepare import ensure_prepared
 from towerrec.data.schema import DataError
 from towerrec.evaluation.baselines import Popularity, recent_counts
 

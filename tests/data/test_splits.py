@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from towerrec import CONFIG_DIR
+from towerrec.data.build import ensure_prepared
 from towerrec.data.datamodule import SequenceDataModule
-from towerrec.data.prepare import ensure_prepared
 from towerrec.data.splits import EVAL_SPLITS, history_splits
 from towerrec.evaluation.baselines import history_before_cut
 

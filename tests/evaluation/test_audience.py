@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from towerrec.evaluation.audience import (
+from towerrec.evaluation.audience_task import (
     AudienceScorer,
     CategoryAffinity,
     CustomerPopularity,
@@ -152,7 +152,7 @@ def test_eval_task_audience_end_to_end(tiny_ckpt, tmp_path):
     items, paired tests over them, one-line refusal when no item qualifies."""
     from conftest import compose_cfg
 
-    from towerrec.evaluate import evaluate
+    from towerrec.commands.evaluate import evaluate
 
     cfg = compose_cfg(
         "eval",

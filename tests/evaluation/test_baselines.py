@@ -14,10 +14,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 import towerrec
-from towerrec.compare import compare
+from towerrec.commands.compare import compare
+from towerrec.commands.evaluate import evaluate
+from towerrec.data.build import ensure_prepared, is_up_to_date
 from towerrec.data.datamodule import SequenceDataModule
-from towerrec.data.prepare import ensure_prepared, is_up_to_date
-from towerrec.evaluate import evaluate
 from towerrec.evaluation.baselines import (
     ContentKNN,
     ItemKNN,
@@ -274,7 +274,7 @@ def test_hm_repurchase_beats_popularity_as_in_the_reference(tmp_path):
 # ---------------------------------------------------------------- a trained checkpoint
 @pytest.mark.slow
 def test_cli_checkpoint_matches_the_training_test_metrics(tiny_train_cfg, tmp_path):
-    from towerrec.train import train
+    from towerrec.commands.train import train
 
     cfg = tiny_train_cfg()
     with open_dict(cfg):  # only the checkpoint callback matters here

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from towerrec.compare import compare, main
+from towerrec.commands.compare import compare, main
 from towerrec.evaluation.per_user import read_per_user, write_per_user
 
 DATA = {"name": "synthetic", "config_hash": "abc123"}

@@ -12,10 +12,10 @@ import lightning as L
 import pytest
 import torch
 
+from towerrec.commands.train import build
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.models.checkpoint import CheckpointError, load_trained, read_checkpoint
 from towerrec.models.two_tower import TwoTowerModule
-from towerrec.train import build
 
 
 class _Payload:
@@ -101,9 +101,9 @@ def test_pickled_payload_is_refused_in_one_line_and_never_runs(fitted, tmp_path)
         read_checkpoint(bad)
     assert str(bad) in str(err.value) and "objects other than weights" in str(err.value)
     for cmd in (
-        ["towerrec.evaluate", f"ckpt_path={bad}", f"out_dir={tmp_path / 'eval'}"],
-        ["towerrec.export", f"ckpt_path={bad}", f"out_dir={tmp_path / 'export'}", "index=flat"],
-        ["towerrec.train", f"ckpt_path={bad}", f"paths.output_dir={tmp_path / 'train'}", "logger=none"],
+        ["towerrec.commands.evaluate", f"ckpt_path={bad}", f"out_dir={tmp_path / 'eval'}"],
+        ["towerrec.commands.export", f"ckpt_path={bad}", f"out_dir={tmp_path / 'export'}", "index=flat"],
+        ["towerrec.commands.train", f"ckpt_path={bad}", f"paths.output_dir={tmp_path / 'train'}", "logger=none"],
     ):
         proc = _run(*cmd, cwd=tmp_path)
         assert proc.returncode != 0, proc.stdout
@@ -124,10 +124,10 @@ def test_checkpoint_trained_on_other_data_is_refused_naming_both_hashes(fitted, 
         load_trained(other)
     model, _ = load_trained(other, force=True)
     assert isinstance(model, TwoTowerModule)
-    proc = _run("towerrec.evaluate", f"ckpt_path={other}", f"out_dir={tmp_path / 'eval'}", cwd=tmp_path)
+    proc = _run("towerrec.commands.evaluate", f"ckpt_path={other}", f"out_dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert proc.returncode != 0 and "ffffffffffff" in proc.stderr and current[:12] in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = _run("towerrec.evaluate", f"ckpt_path={other}", f"out_dir={tmp_path / 'eval'}", "force=true", cwd=tmp_path)
+    proc = _run("towerrec.commands.evaluate", f"ckpt_path={other}", f"out_dir={tmp_path / 'eval'}", "force=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

@@ -164,7 +164,7 @@ def _load_script():
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in PRETRAINED_EXPERIMENTS])
 @pytest.mark.slow
 def test_pretrained_experiments_train_a_batch_or_two(name, tmp_path):
-    from towerrec.train import train
+    from towerrec.commands.train import train
 
     overrides = _tiny_pretrained_overrides(name, tmp_path)
     cfg = compose_cfg("train", overrides, tmp_path / "run")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from towerrec.retrieval import ExportError, export_index, load_export
-from towerrec.retrieval.audience import (
+from towerrec.retrieval.customers import (
     CUSTOMER_FILES,
     AudienceError,
     Campaign,
@@ -20,8 +20,8 @@ from towerrec.retrieval.audience import (
     parse_segments,
     read_opt_outs,
 )
-from towerrec.retrieval.export import customer_histories
-from towerrec.retrieval.manifest import MANIFEST_FILE
+from towerrec.retrieval.folder import MANIFEST_FILE
+from towerrec.retrieval.writer import customer_histories
 
 from .conftest import index_spec
 
@@ -240,7 +240,7 @@ def test_one_line_errors(aud, tmp_path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "towerrec.audience", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "towerrec.commands.audience", *args], capture_output=True, text=True, timeout=300
     )
 
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-TRAINING_STACK = ("lightning", "pytorch_lightning", "towerrec.models", "towerrec.data.datamodule", "towerrec.train")
+TRAINING_STACK = ("lightning", "pytorch_lightning", "towerrec.models", "towerrec.data.datamodule", "towerrec.commands.train")
 
 PROBE = """
 import json, sys

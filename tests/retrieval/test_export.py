@@ -12,8 +12,8 @@ import torch
 
 from towerrec.models.checkpoint import load_trained
 from towerrec.retrieval import ExportError, UnknownItemError, export_index, load_export
+from towerrec.retrieval.folder import manifest_digest
 from towerrec.retrieval.index import measure_recall
-from towerrec.retrieval.manifest import manifest_digest
 
 from .conftest import INDEX_CONFIGS, index_spec, train_tiny
 

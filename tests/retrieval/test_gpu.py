@@ -8,7 +8,7 @@ import pytest
 
 from towerrec.retrieval import load_export
 from towerrec.retrieval.index import build_index, search, select_faiss_device
-from towerrec.retrieval.synthetic import clustered_unit
+from towerrec.retrieval.vectors import clustered_unit
 
 from .conftest import index_spec
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from towerrec.commands.similar import main
 from towerrec.retrieval import load_export
-from towerrec.similar import main
 
 
 def _ids(exports, rows):

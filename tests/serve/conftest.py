@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def serve_command(export: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "towerrec.serve.cli", "--export", str(export), "--port", str(port), *extra]
+    return [sys.executable, "-m", "towerrec.commands.serve", "--export", str(export), "--port", str(port), *extra]
 
 
 def env() -> dict[str, str]:

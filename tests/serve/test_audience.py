@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from towerrec.retrieval import export_index, load_export
-from towerrec.retrieval.audience import Campaign, Filters, load_audiences
+from towerrec.retrieval.customers import Campaign, Filters, load_audiences
 from towerrec.serve.app import ServeSettings, create_app
 
 from .conftest import Server

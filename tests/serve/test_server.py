@@ -16,8 +16,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from towerrec.commands.similar import main as similar_cli
 from towerrec.retrieval import load_export
-from towerrec.similar import main as similar_cli
 
 from .conftest import TOKEN, env
 
@@ -320,6 +320,6 @@ print(json.dumps({{"status": status, "retrieval_only": retrieval_only, "after": 
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["status"] == 200
-    training = ("lightning", "pytorch_lightning", "towerrec.models", "towerrec.checkpoint", "towerrec.train")
+    training = ("lightning", "pytorch_lightning", "towerrec.models", "towerrec.checkpoint", "towerrec.commands.train")
     assert not [m for m in result["retrieval_only"] if m.startswith(training)], "towerrec.retrieval imported it"
     assert not [m for m in result["after"] if m.startswith(training)], "the serve layer imported the training stack"

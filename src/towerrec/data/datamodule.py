@@ -247,7 +247,7 @@ def train_windows(user: np.ndarray, item: np.ndarray, max_len: int) -> tuple[np.
 
 
 class SequenceDataModule(L.LightningDataModule):
-    """Reads a processed folder (see :mod:`towerrec.data.prepare`).
+    """Reads a processed folder (see :mod:`towerrec.data.build`).
 
     Args:
         processed_dir: the folder ``towerrec-prepare`` wrote.

@@ -1,6 +1,6 @@
 """Typed settings of a prepare run, built once from the ``data`` config at the entry point.
 
-:func:`towerrec.data.prepare.prepare` reads these dataclasses, never a config object. A wrong
+:func:`towerrec.data.build.prepare` reads these dataclasses, never a config object. A wrong
 value is a one-line :class:`~towerrec.data.schema.DataError` naming the config field
 (``data.split.test_days: ...``), raised before any file is read.
 
@@ -79,7 +79,7 @@ class FilterSettings:
 
 @dataclass(frozen=True)
 class SplitSettings:
-    """How interactions become train / val / test (see :func:`towerrec.data.prepare.assign_split`).
+    """How interactions become train / val / test (see :func:`towerrec.data.build.assign_split`).
 
     Attributes:
         method: ``temporal`` (global cut dates), ``leave_one_out`` (per user) or ``rolling`` (K
@@ -188,7 +188,7 @@ _TIME_DEFAULTS = dataclasses.asdict(TimeSettings())
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    """Everything :func:`~towerrec.data.prepare.prepare` needs. Build it with :meth:`from_config`.
+    """Everything :func:`~towerrec.data.build.prepare` needs. Build it with :meth:`from_config`.
 
     Attributes:
         name: the dataset name, recorded in the manifest.

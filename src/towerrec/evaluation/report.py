@@ -1,6 +1,6 @@
 """Reporting of ``towerrec-reproduce``: the tables, the paired tests, and the results reader.
 
-:mod:`towerrec.reproduce` runs the experiments; this module turns what they wrote into ``reproduce.md``
+:mod:`towerrec.commands.reproduce` runs the experiments; this module turns what they wrote into ``reproduce.md``
 and reads every results file back. It imports neither Lightning nor the models, so a notebook or a
 script can read results (:func:`load_results`, public API) without the training stack.
 

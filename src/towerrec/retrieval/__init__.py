@@ -1,7 +1,7 @@
 """Retrieval: export item embeddings to FAISS, load and verify the export, query it.
 
-``towerrec-export`` writes an export folder (:mod:`towerrec.retrieval.export`); :func:`load_export`
-reads it back after checking it against its manifest (:mod:`towerrec.retrieval.manifest`);
+``towerrec-export`` writes an export folder (:mod:`towerrec.retrieval.writer`); :func:`load_export`
+reads it back after checking it against its manifest (:mod:`towerrec.retrieval.folder`);
 :class:`ItemIndex` answers item -> items queries and, through :class:`Recommender`, history -> items.
 
 Importing this package, loading an export and querying it item to item load neither Lightning nor
@@ -14,16 +14,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from towerrec.retrieval.folder import ExportError
 from towerrec.retrieval.hits import Hit, UnknownItemError
 from towerrec.retrieval.index import IndexSpec, build_index, select_faiss_device
 from towerrec.retrieval.load import ItemIndex, load_export
-from towerrec.retrieval.manifest import ExportError
 
 if TYPE_CHECKING:
-    from towerrec.retrieval.export import export_index
     from towerrec.retrieval.recommend import Recommender
+    from towerrec.retrieval.writer import export_index
 
-_DEFERRED = {"export_index": "towerrec.retrieval.export", "Recommender": "towerrec.retrieval.recommend"}
+_DEFERRED = {"export_index": "towerrec.retrieval.writer", "Recommender": "towerrec.retrieval.recommend"}
 
 
 def __getattr__(name: str):

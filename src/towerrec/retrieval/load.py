@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from towerrec.retrieval.folder import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, ExportError, read_verified
 from towerrec.retrieval.hits import Hit, UnknownItemError
 from towerrec.retrieval.index import (
     METRIC,
@@ -20,7 +21,6 @@ from towerrec.retrieval.index import (
     select_faiss_device,
     set_params,
 )
-from towerrec.retrieval.manifest import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, ExportError, read_verified
 
 if TYPE_CHECKING:
     from towerrec.retrieval.recommend import Recommender

@@ -11,8 +11,8 @@ import torch
 
 from towerrec.fileio import file_sha256
 from towerrec.models.checkpoint import load_model
+from towerrec.retrieval.folder import ExportError
 from towerrec.retrieval.hits import Hit
-from towerrec.retrieval.manifest import ExportError
 
 if TYPE_CHECKING:
     from towerrec.retrieval.load import ItemIndex

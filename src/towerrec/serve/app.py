@@ -411,7 +411,7 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
     def audience(body: AudienceRequest) -> JSONResponse:
         """The customers most likely to buy each campaign's items (needs the audience token and an
         export written with ``users=true``). Customer ids are returned, never logged."""
-        from towerrec.retrieval.audience import (
+        from towerrec.retrieval.customers import (
             AudienceError,
             Campaign,
             Filters,

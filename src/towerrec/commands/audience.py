@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from towerrec.retrieval import ExportError
-from towerrec.retrieval.audience import (
+from towerrec.retrieval.customers import (
     AGGREGATES,
     AudienceError,
     Campaign,

@@ -18,9 +18,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec.backtest import is_rolling, train_folds
-from towerrec.cli import hydra_cli
+from towerrec.commands.common import hydra_cli
+from towerrec.data.build import ensure_prepared
 from towerrec.data.datamodule import SequenceDataModule
-from towerrec.data.prepare import ensure_prepared
 from towerrec.data.schema import DataError
 from towerrec.evaluation.evaluator import format_table, score_split
 from towerrec.evaluation.per_user import per_user_name, write_per_user

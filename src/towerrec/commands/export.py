@@ -7,9 +7,9 @@ import json
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from towerrec.cli import hydra_cli
-from towerrec.retrieval.export import export_index
-from towerrec.retrieval.manifest import MANIFEST_FILE, ExportError
+from towerrec.commands.common import hydra_cli
+from towerrec.retrieval.folder import MANIFEST_FILE, ExportError
+from towerrec.retrieval.writer import export_index
 
 
 def run(cfg: DictConfig) -> None:

@@ -23,7 +23,7 @@ def hydra_cli(
     and call ``run(cfg)``; an error in ``user_errors`` (bad input, a refused file) exits with one
     ``error: ...`` line instead of a traceback.
 
-    The Hydra job is named after ``run``'s module (``towerrec.train`` -> ``outputs/train/...``).
+    The Hydra job is named after ``run``'s module (``towerrec.commands.train`` -> ``outputs/train/...``).
     """
 
     @functools.wraps(run)  # Hydra names the job after the wrapped function's module

@@ -1,7 +1,7 @@
 """``towerrec-reproduce``: the reported table, end to end, in one command.
 
-Prepare the data, score the baselines with ``towerrec-eval``'s :func:`~towerrec.evaluate.evaluate`, train
-every experiment with every seed through ``towerrec-train``'s :func:`~towerrec.train.train`, then write one
+Prepare the data, score the baselines with ``towerrec-eval``'s :func:`~towerrec.commands.evaluate.evaluate`, train
+every experiment with every seed through ``towerrec-train``'s :func:`~towerrec.commands.train.train`, then write one
 table of every model on the test split: trained models as mean ± sample standard deviation over seeds,
 headed by the data hash, the git commit, the wall time, the split and the seeds.
 
@@ -41,8 +41,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from towerrec import CONFIG_DIR, PROJECT_ROOT
 from towerrec.backtest import is_rolling, pooled_manifest, prepare_folds
-from towerrec.cli import hydra_cli
-from towerrec.data.prepare import config_hash, ensure_prepared, read_manifest
+from towerrec.commands.common import hydra_cli
+from towerrec.data.build import config_hash, ensure_prepared, read_manifest
 from towerrec.data.schema import DataError
 from towerrec.evaluation.per_user import per_user_name
 from towerrec.evaluation.report import (
@@ -161,7 +161,9 @@ def compose_runs(cfg: DictConfig, out: Path, ks: list[int]) -> list[tuple[str, i
 
 def run_baselines(cfg: DictConfig, train_cfg: DictConfig, out: Path, ks: list[int]) -> dict[str, Slices]:
     """``towerrec-eval`` on the test split for ``cfg.baselines``, on ``train_cfg``'s data; writes into ``out``."""
-    from towerrec.evaluate import evaluate  # here, so that reading results back does not load Lightning
+    from towerrec.commands.evaluate import (
+        evaluate,  # here, so that reading results back does not load Lightning
+    )
 
     baselines = OmegaConf.to_object(cfg.baselines) if OmegaConf.is_list(cfg.baselines) else cfg.baselines
     overrides = [
@@ -203,7 +205,7 @@ def reproduce(cfg: DictConfig) -> dict:
     Returns:
         The contents of ``reproduce.json``: ``{"header": {...}, "models": {name: {"kind", "metrics", ...}}}``.
     """
-    from towerrec.train import train  # here, so that reading results back does not load Lightning
+    from towerrec.commands.train import train  # here, so that reading results back does not load Lightning
 
     t0 = time.perf_counter()
     git, command = git_state(), _command()

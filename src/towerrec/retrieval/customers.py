@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 
 from towerrec.fileio import file_sha256
+from towerrec.retrieval.folder import ExportError
 from towerrec.retrieval.index import METRIC, search, set_params
 from towerrec.retrieval.load import ItemIndex, load_export
-from towerrec.retrieval.manifest import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from towerrec.backtest import evaluate_folds, is_rolling
-from towerrec.cli import hydra_cli
+from towerrec.commands.common import hydra_cli
+from towerrec.data.build import ensure_prepared
 from towerrec.data.datamodule import SequenceDataModule
-from towerrec.data.prepare import ensure_prepared
 from towerrec.evaluation.baselines import Baseline, rank
 from towerrec.evaluation.evaluator import format_table, score_split
 from towerrec.evaluation.per_user import per_user_name, write_per_user
@@ -57,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
         ``{scorer name: {slice: {metric@k: value}}}``.
     """
     if cfg.get("task") is not None and cfg.task.name == "audience":  # item -> customers
-        from towerrec.evaluation.audience import evaluate_audience
+        from towerrec.evaluation.audience_task import evaluate_audience
 
         return evaluate_audience(cfg)
     if is_rolling(cfg.data):  # every fold, then pooled over (fold, user) pairs

@@ -28,7 +28,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from towerrec.data.prepare import SPLITS, read_manifest
+from towerrec.data.build import SPLITS, read_manifest
 from towerrec.fileio import markdown_table
 
 LIFECYCLE = ("new", "active", "lapsing", "no_history")
@@ -421,7 +421,7 @@ def _segments(s: dict[str, Any]) -> list[str]:
     lines = [
         "## Customer segments",
         "",
-        "Computed from training data only (see `customer_segments` in `towerrec.data.prepare`); "
+        "Computed from training data only (see `customer_segments` in `towerrec.data.build`); "
         "the evaluation slices test metrics by them. Score 0 means no training history.",
         "",
     ]

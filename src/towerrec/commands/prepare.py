@@ -7,8 +7,8 @@ import json
 from omegaconf import DictConfig
 
 from towerrec.backtest import fold_data_configs, is_rolling
-from towerrec.cli import hydra_cli
-from towerrec.data.prepare import PrepareSettings, prepare, read_manifest
+from towerrec.commands.common import hydra_cli
+from towerrec.data.build import PrepareSettings, prepare, read_manifest
 from towerrec.data.schema import DataError
 
 

@@ -6,9 +6,9 @@ import json
 
 from omegaconf import DictConfig
 
-from towerrec.cli import hydra_cli
-from towerrec.data.prepare import ensure_prepared
-from towerrec.data.report import write_report
+from towerrec.commands.common import hydra_cli
+from towerrec.data.build import ensure_prepared
+from towerrec.data.profile import write_report
 from towerrec.data.schema import DataError
 
 #: The summary.json keys printed on the console.

@@ -1,6 +1,6 @@
 """Export: embed every catalogue item with a trained checkpoint, build the FAISS index, write the folder.
 
-The folder holds everything retrieval reads (names and format in :mod:`towerrec.retrieval.manifest`),
+The folder holds everything retrieval reads (names and format in :mod:`towerrec.retrieval.folder`),
 written to a temporary folder first and renamed into place, so a reader never sees half an export:
 
 - ``index.faiss``: the CPU index, ids = item indices (``IDMap2``)
@@ -10,7 +10,7 @@ written to a temporary folder first and renamed into place, so a reader never se
   and the sha256 of every other file
 
 With ``users=True`` (and only then) it also holds the customers, for audience queries
-(:mod:`towerrec.retrieval.audience`): their user-tower embeddings from their history up to the data's
+(:mod:`towerrec.retrieval.customers`): their user-tower embeddings from their history up to the data's
 cut-off, an index of the same factory and metric over them, their segments and past purchases. The
 manifest's ``customer_data`` says whether an export holds customer data.
 """
@@ -34,13 +34,14 @@ from towerrec.data.datamodule import SequenceDataModule
 from towerrec.fileio import atomic_folder, file_sha256, folder_files
 from towerrec.models.checkpoint import load_trained
 from towerrec.models.two_tower import TwoTowerModule
-from towerrec.retrieval.audience import (
+from towerrec.retrieval.customers import (
     CUSTOMER_EMBEDDINGS_FILE,
     CUSTOMER_FILES,
     CUSTOMER_INDEX_FILE,
     CUSTOMERS_FILE,
     PURCHASES_FILE,
 )
+from towerrec.retrieval.folder import EMBEDDINGS_FILE, FORMAT, INDEX_FILE, ITEMS_FILE, ExportError, seal
 from towerrec.retrieval.index import (
     METRIC_NAME,
     BuiltIndex,
@@ -52,7 +53,6 @@ from towerrec.retrieval.index import (
     normalized,
     search,
 )
-from towerrec.retrieval.manifest import EMBEDDINGS_FILE, FORMAT, INDEX_FILE, ITEMS_FILE, ExportError, seal
 from towerrec.retrieval.tune import TargetRecallError as TuneError
 from towerrec.retrieval.tune import Tuned, tune_built
 
@@ -173,7 +173,7 @@ def _manifest(
     timings: dict[str, float],
     tuned: Tuned | None = None,
 ) -> dict:
-    """The manifest of an export, before :func:`~towerrec.retrieval.manifest.seal` adds the file hashes."""
+    """The manifest of an export, before :func:`~towerrec.retrieval.folder.seal` adds the file hashes."""
     image_cache = Path(dm.processed_dir).resolve() / "images.npy"
     model_config = model.hparams["config"]
     return {

@@ -305,7 +305,7 @@ class RFMAudience(AudienceScorer):
     window, highest first; ties by spend. The same list for every item.
 
     R is days from the last purchase to the window's start (recent = 3), F distinct purchase days, M the
-    summed spend (price x quantity, else purchases), as :func:`towerrec.data.prepare.customer_segments`
+    summed spend (price x quantity, else purchases), as :func:`towerrec.data.build.customer_segments`
     computes them for the prepared segments, here at the window's cut.
     """
 
@@ -314,7 +314,7 @@ class RFMAudience(AudienceScorer):
     def fit(self, task, dm):
         import duckdb
 
-        from towerrec.data.prepare import customer_segments, user_activity
+        from towerrec.data.build import customer_segments, user_activity
 
         super().fit(task, dm)
         n_users = int(dm.users["user_idx"].max())
@@ -407,7 +407,7 @@ class TwoTowerAudience(AudienceScorer):
 
     @torch.no_grad()
     def fit(self, task, dm):
-        from towerrec.retrieval.export import customer_histories
+        from towerrec.retrieval.writer import customer_histories
 
         super().fit(task, dm)
         self.model.eval()
@@ -458,7 +458,7 @@ def evaluate_audience(cfg) -> dict[str, dict[str, dict[str, float]]]:
         model, dm = load_trained(cfg.ckpt_path, device=cfg.device, force=cfg.get("force", False))
         scorers["two_tower"] = TwoTowerAudience(model, cfg.chunk_size)
     else:
-        from towerrec.data.prepare import ensure_prepared
+        from towerrec.data.build import ensure_prepared
 
         ensure_prepared(cfg.data, workers=cfg.workers)
         dm = instantiate(cfg.datamodule)
