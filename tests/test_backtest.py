@@ -106,6 +106,34 @@ def test_single_baseline_backtest_and_checkpoint_refused(backtest, tmp_path):
         evaluate(cfg)
 
 
+@pytest.mark.slow  # two more single-fold runs; the pooled writer's pieces have quick tests in evaluation/
+def test_audiences_on_every_fold_with_that_folds_model_pooled_over_fold_item_pairs(backtest, tmp_path):
+    """``towerrec-eval task=audience`` on the rolling split: each fold ranks with the checkpoint its own
+    fold trained, and the pooled table and paired tests run over every (fold, item) pair."""
+    data = backtest.parent / "data"
+    run = backtest / "runs" / "synthetic_fusion" / "seed0"
+    overrides = [*TINY_DATA, f"data.processed_dir={data}", *ROLLING, "task=audience", "task.min_buyers=2"]
+    cfg = compose_cfg("eval", [*overrides, f"ckpt_path={run}", f"out_dir={tmp_path}"], tmp_path)
+    pooled = evaluate(cfg)
+    assert {"two_tower", "rfm", "category_affinity", "blend"} <= set(pooled)
+    out = json.loads((tmp_path / "audience.json").read_text())
+    folds = [json.loads((tmp_path / f"fold{f}" / "audience.json").read_text()) for f in (0, 1)]
+    assert out["items"] == sum(f["items"] for f in folds) == pooled["two_tower"]["all"]["items"]
+    frame = pd.read_parquet(tmp_path / "two_tower" / "audience_per_item.parquet")
+    assert frame.groupby("fold").size().tolist() == [f["items"] for f in folds]
+    # Each fold ranked with its own fold's model: the fold's figure is that checkpoint's own run.
+    for f in (0, 1):
+        best = json.loads((run / f"fold{f}" / "metrics.json").read_text())["best_checkpoint"]
+        one = compose_cfg("eval", [*overrides, f"+data.split.fold={f}", f"ckpt_path={best}", f"out_dir={tmp_path / 'one'}"], tmp_path)
+        assert evaluate(one)["two_tower"]["all"] == folds[f]["models"]["two_tower"]["all"]
+    paired = pd.read_csv(tmp_path / "audience_paired.csv")
+    assert (paired.loc[paired["slice"] == "all", "users"] == out["items"]).all()  # over every (fold, item) pair
+    weighted = sum(f["models"]["two_tower"]["all"]["recall@100"] * f["items"] for f in folds) / out["items"]
+    assert pooled["two_tower"]["all"]["recall@100"] == pytest.approx(weighted)
+    with pytest.raises(ValueError, match="pass the folder of a rolling towerrec-train run"):
+        evaluate(compose_cfg("eval", [*overrides, "ckpt_path=x.ckpt", f"out_dir={tmp_path / 'x'}"], tmp_path))
+
+
 def test_pairs_are_fold_and_user(tmp_path):
     """A user evaluated in two folds is two pairs: tables are matched on (fold, user_idx), never crossed."""
     a = pd.DataFrame({"fold": [0, 0, 1, 1], "user_idx": [1, 2, 1, 2], "all/recall@20": [1.0, 0.0, 0.5, 0.0]})

@@ -21,6 +21,7 @@ training + validation interactions and tested on its window.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -234,3 +235,81 @@ def evaluate_folds(cfg: DictConfig, evaluate_one: Callable[[DictConfig], dict[st
     (out / "backtest.md").write_text(f"# {title}\n\n{table}\n")
     print(f"{title}, per fold and pooled over (fold, user) pairs:\n{table}\nwritten: {out / 'backtest.md'}")
     return pooled
+
+
+# ----------------------------------------------------------------------------- towerrec-eval task=audience
+def audience_folds(cfg: DictConfig, evaluate_one: Callable[[DictConfig], dict]) -> dict:
+    """The audience task on every fold of a rolling split, then pooled over (fold, item) pairs.
+
+    ``ckpt_path`` is the folder of a rolling ``towerrec-train`` run (it holds ``fold<f>/checkpoints/``,
+    one model per fold, each trained on that fold's past only), or None for the baselines alone. Each
+    fold is an ordinary audience run in ``<out_dir>/fold<f>/``; the pooled ``audience.json``,
+    ``audience.md`` and paired tests (over the same (fold, item) pairs) are written into ``out_dir``.
+    """
+    from towerrec.evaluation.audience_task import write_audience
+
+    out = Path(cfg.out_dir)
+    manifests = prepare_folds(cfg.data, workers=cfg.workers)
+    run = Path(cfg.ckpt_path) if cfg.ckpt_path is not None else None
+    if run is not None and not (run / "fold0").is_dir():
+        raise DataError(
+            f"ckpt_path {run}: with a rolling split, pass the folder of a rolling towerrec-train run "
+            "(it holds fold0/, fold1/, ...), or evaluate one fold with data.split.fold=<f>"
+        )
+    fold_meta = []
+    for f, data in enumerate(fold_data_configs(cfg.data)):
+        fold_cfg = fold_config(cfg, data, out / f"fold{f}", out_key="out_dir")
+        if run is not None:
+            ckpt = fold_checkpoint(run / f"fold{f}")
+            with open_dict(fold_cfg):
+                fold_cfg.ckpt_path = str(ckpt)
+        log.info("audience backtest: fold %d of %d", f, len(manifests))
+        evaluate_one(fold_cfg)
+        fold_meta.append(json.loads((out / f"fold{f}" / "audience.json").read_text()))
+    names = list(fold_meta[0]["models"])
+    frames = {
+        name: pd.concat(
+            [
+                pd.read_parquet(out / f"fold{f}" / name / "audience_per_item.parquet").assign(fold=f)
+                for f in range(len(fold_meta))
+            ],
+            ignore_index=True,
+        )
+        for name in names
+    }
+    meta = {
+        "split": cfg.split,
+        "data": {"name": cfg.data.name, "config_hash": pooled_hash(manifests), "split": pooled_split_info(manifests)},
+        "customers": [m["customers"] for m in fold_meta],
+        "items": int(sum(m["items"] for m in fold_meta)),
+        "cold_items": int(sum(m["cold_items"] for m in fold_meta)),
+        "buyers": int(sum(m["buyers"] for m in fold_meta)),
+        "min_buyers": fold_meta[0]["min_buyers"],
+        "exclude_buyers": fold_meta[0]["exclude_buyers"],
+        "cutoffs": [m["cutoffs"] for m in fold_meta],
+        "folds": [{k: m[k] for k in ("customers", "items", "cold_items", "models", "blend") if k in m} for m in fold_meta],
+    }
+    split = meta["data"]["split"]
+    t = cfg.task
+    title = (
+        f"{cfg.data.name} (rolling split, {split['folds']} folds of {split['window_days']} days), {cfg.split} windows: "
+        f"{meta['items']} (fold, item) pairs ({meta['cold_items']} cold) bought by {t.min_buyers}+ customers, "
+        f"{min(meta['customers'])} to {max(meta['customers'])} customers ranked per item"
+    )
+    return write_audience(out, frames, meta, t, title)
+
+
+def fold_checkpoint(fold_dir: Path) -> Path:
+    """The checkpoint a rolling training run tested in one fold (its ``metrics.json``'s
+    ``best_checkpoint``: the best validation epoch, or ``final.ckpt`` of a refit run); a one-line error
+    when the fold did not finish."""
+    metrics = fold_dir / "metrics.json"
+    best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
+    if not best:
+        raise DataError(f"{metrics}: no best_checkpoint: was this fold of the training run finished?")
+    path = Path(best)
+    if not path.is_file():  # the run folder was moved: the checkpoint sits in its checkpoints/
+        path = fold_dir / "checkpoints" / path.name
+    if not path.is_file():
+        raise DataError(f"{metrics}: its best_checkpoint {best} is missing")
+    return path

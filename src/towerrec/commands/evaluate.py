@@ -26,7 +26,7 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from towerrec.backtest import evaluate_folds, is_rolling
+from towerrec.backtest import audience_folds, evaluate_folds, is_rolling
 from towerrec.commands.common import hydra_cli
 from towerrec.data.build import ensure_prepared
 from towerrec.data.datamodule import SequenceDataModule
@@ -59,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     if cfg.get("task") is not None and cfg.task.name == "audience":  # item -> customers
         from towerrec.evaluation.audience_task import evaluate_audience
 
-        return evaluate_audience(cfg)
+        return audience_folds(cfg, evaluate_audience) if is_rolling(cfg.data) else evaluate_audience(cfg)
     if is_rolling(cfg.data):  # every fold, then pooled over (fold, user) pairs
         return evaluate_folds(cfg, evaluate)
     baseline_cfg = cfg.get("baseline")
