@@ -128,7 +128,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exports(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
     """One export folder per ``configs/index/*.yaml``."""
-    from towerrec.retrieval import export_index
+    from towerrec.retrieval.writer import export_index
 
     root = tmp_path_factory.mktemp("exports")
     return {

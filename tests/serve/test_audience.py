@@ -6,8 +6,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from towerrec.retrieval import export_index, load_export
+from towerrec.retrieval import load_export
 from towerrec.retrieval.customers import Campaign, Filters, load_audiences
+from towerrec.retrieval.writer import export_index
 from towerrec.serve.app import ServeSettings, create_app
 
 from .conftest import Server

@@ -182,11 +182,11 @@ def recommend(served: Served, limits: Limits, q: RecommendRequest) -> dict:
     except UnknownItemError:
         raise HTTPException(404, unknown(idx, [*q.history, *q.exclude])) from None
     try:
-        served.user_model()
+        recommender = served.recommender()
     except ExportError as err:
         raise HTTPException(503, f"history queries are unavailable: {err}") from None
     with served.searching():
-        hits = idx.recommend(q.history, k=q.k, exclude=q.exclude, exclude_history=not q.keep_history)
+        hits = recommender.recommend(q.history, k=q.k, exclude=q.exclude, exclude_history=not q.keep_history)
     return {"query": {"history": list(q.history)}, "exclude": list(q.exclude), "results": [h.to_dict() for h in hits]}
 
 

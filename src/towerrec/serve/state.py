@@ -19,6 +19,7 @@ from towerrec.retrieval import ExportError, ItemIndex, load_export, select_faiss
 
 if TYPE_CHECKING:
     from towerrec.retrieval.customers import Audiences
+    from towerrec.retrieval.recommend import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Served:
     search_lock: threading.Lock | None = None
     threads: int = 1
     _user_lock: threading.Lock = field(default_factory=threading.Lock)
-    user_model_loaded: bool = False
+    _recommender: Recommender | None = None
     _audiences: Audiences | None = None
     _audience_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -72,15 +73,28 @@ class Served:
     def sha256(self) -> str:
         return str(self.index.manifest.get("manifest_sha256"))
 
-    def user_model(self) -> None:
-        """Load the user tower of the export's checkpoint once (history queries need it)."""
-        if self.user_model_loaded:
-            return
-        with self._user_lock:
-            if not self.user_model_loaded:
-                self.index.recommender()
-                set_threads(self.threads)
-                self.user_model_loaded = True
+    @property
+    def user_model_loaded(self) -> bool:
+        return self._recommender is not None
+
+    def recommender(self) -> Recommender:
+        """The export's :class:`~towerrec.retrieval.recommend.Recommender`, built at the first history query.
+
+        ``recommend`` imports torch and the model code; it is imported here, where it is first needed,
+        so that a server answering item-to-item queries never loads the training stack.
+
+        Raises:
+            ExportError: the export's checkpoint is missing or changed since export.
+        """
+        if self._recommender is None:
+            with self._user_lock:
+                if self._recommender is None:
+                    from towerrec.retrieval.recommend import Recommender
+
+                    recommender = Recommender(self.index)
+                    set_threads(self.threads)
+                    self._recommender = recommender
+        return self._recommender
 
 
 class ExportHolder:
@@ -132,7 +146,7 @@ class ExportHolder:
             try:
                 new = self._wrap(self._load())
                 if old.user_model_loaded:  # warm what was warm, before any request can see it
-                    new.user_model()
+                    new.recommender()
             except (ExportError, ValueError, OSError) as err:
                 self.last_reload_error = str(err)
                 log.warning("reload refused, still serving %s: %s", old.sha256, err)
