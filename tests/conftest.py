@@ -117,7 +117,7 @@ def train_tiny(root: Path, *extra: str) -> Path:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     metrics = train(cfg)
-    return Path(metrics["best_checkpoint"])
+    return Path(metrics.run["best_checkpoint"])
 
 
 @pytest.fixture(scope="session")

@@ -146,7 +146,7 @@ def hm_export(tmp_path_factory) -> Path:
          "data.image_size=16", *tiny, "+trainer.limit_test_batches=2"],
         root / "run",
     )  # fmt: skip
-    ckpt = train(cfg)["best_checkpoint"]
+    ckpt = train(cfg).run["best_checkpoint"]
     return export_index(ckpt, index_spec("flat"), root / "export", n_queries=50)
 
 
