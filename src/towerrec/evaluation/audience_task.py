@@ -430,27 +430,11 @@ class TwoTowerAudience(AudienceScorer):
 
 
 # ----------------------------------------------------------------------------- the task of towerrec-eval
-def evaluate_audience(cfg) -> dict[str, dict[str, dict[str, float]]]:
-    """``towerrec-eval task=audience``: the model (``ckpt_path``) and the baselines of ``cfg.task``
-    on the audience task of ``cfg.split``; writes ``audience.json``, ``audience.md``, each scorer's
-    ``<name>/audience_per_item.parquet`` and ``audience_paired.csv`` into ``cfg.out_dir``.
-
-    Returns:
-        ``{scorer: {slice: {"items": n, metric@K: mean}}}``.
-    """
-    from pathlib import Path
-
+def _audience_scorers(cfg) -> tuple[dict[str, AudienceScorer], object]:
+    """The scorers of ``towerrec-eval task=audience`` (the checkpoint's model, ``cfg.task.baselines``) and
+    the DataModule they score (the checkpoint's, else ``cfg.datamodule`` over the prepared data)."""
     from hydra.utils import instantiate
 
-    from towerrec.fileio import write_json
-
-    t = cfg.task
-    if cfg.data.get("split", {}).get("method") == "rolling" and cfg.data.split.get("fold") is None:
-        raise ValueError(
-            "task=audience runs on one split: pick a fold (data.split.fold=N) or a temporal data config"
-        )
-    if cfg.split not in ("val", "test"):
-        raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
     scorers: dict[str, AudienceScorer] = {}
     if cfg.ckpt_path is not None:
         from towerrec.models.checkpoint import load_trained
@@ -463,10 +447,33 @@ def evaluate_audience(cfg) -> dict[str, dict[str, dict[str, float]]]:
         ensure_prepared(cfg.data, workers=cfg.workers)
         dm = instantiate(cfg.datamodule)
         dm.setup()
-    for name, sub in (t.get("baselines") or {}).items():
+    for name, sub in (cfg.task.get("baselines") or {}).items():
         scorers[name] = instantiate(sub)
     if not scorers:
         raise ValueError("task=audience: nothing to evaluate (no ckpt_path and no task.baselines)")
+    return scorers, dm
+
+
+def evaluate_audience(cfg) -> dict[str, dict[str, dict[str, float]]]:
+    """``towerrec-eval task=audience``: the model (``ckpt_path``) and the baselines of ``cfg.task``
+    on the audience task of ``cfg.split``; writes ``audience.json``, ``audience.md``, each scorer's
+    ``<name>/audience_per_item.parquet`` and ``audience_paired.csv`` into ``cfg.out_dir``.
+
+    Returns:
+        ``{scorer: {slice: {"items": n, metric@K: mean}}}``.
+    """
+    from pathlib import Path
+
+    from towerrec.fileio import write_json
+
+    t = cfg.task
+    if cfg.data.get("split", {}).get("method") == "rolling" and cfg.data.split.get("fold") is None:
+        raise ValueError(
+            "task=audience runs on one split: pick a fold (data.split.fold=N) or a temporal data config"
+        )
+    if cfg.split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
+    scorers, dm = _audience_scorers(cfg)
     task = audience_task(dm, cfg.split, int(t.min_buyers), bool(t.exclude_buyers))
     if len(task) == 0:
         raise ValueError(
