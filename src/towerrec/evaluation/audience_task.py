@@ -512,20 +512,11 @@ def _n_ranked(task: AudienceTask) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the task of towerrec-eval
-def audience_frames(cfg) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Rank the customers of ``cfg.split``'s audience task with the model (``ckpt_path``), the
-    baselines of ``cfg.task`` and, when ``task.blend`` names members, their blend with the model.
-
-    Returns:
-        Each scorer's per-item frame (the same items in the same order) and the run's metadata.
-    """
+def _audience_scorers(cfg) -> tuple[dict[str, AudienceScorer], object]:
+    """The scorers of ``towerrec-eval task=audience`` (the checkpoint's model, ``cfg.task.baselines``) and
+    the DataModule they score (the checkpoint's, else ``cfg.datamodule`` over the prepared data)."""
     from hydra.utils import instantiate
 
-    t = cfg.task
-    if cfg.data.get("split", {}).get("method") == "rolling" and cfg.data.split.get("fold") is None:
-        raise ValueError("audience_frames runs on one split: pick a fold (data.split.fold=N)")
-    if cfg.split not in ("val", "test"):
-        raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
     scorers: dict[str, AudienceScorer] = {}
     if cfg.ckpt_path is not None:
         from towerrec.models.checkpoint import load_trained
@@ -538,10 +529,26 @@ def audience_frames(cfg) -> tuple[dict[str, pd.DataFrame], dict]:
         ensure_prepared(cfg.data, workers=cfg.workers)
         dm = instantiate(cfg.datamodule)
         dm.setup()
-    for name, sub in (t.get("baselines") or {}).items():
+    for name, sub in (cfg.task.get("baselines") or {}).items():
         scorers[name] = instantiate(sub)
     if not scorers:
         raise ValueError("task=audience: nothing to evaluate (no ckpt_path and no task.baselines)")
+    return scorers, dm
+
+
+def audience_frames(cfg) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Rank the customers of ``cfg.split``'s audience task with the model (``ckpt_path``), the
+    baselines of ``cfg.task`` and, when ``task.blend`` names members, their blend with the model.
+
+    Returns:
+        Each scorer's per-item frame (the same items in the same order) and the run's metadata.
+    """
+    t = cfg.task
+    if cfg.data.get("split", {}).get("method") == "rolling" and cfg.data.split.get("fold") is None:
+        raise ValueError("audience_frames runs on one split: pick a fold (data.split.fold=N)")
+    if cfg.split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
+    scorers, dm = _audience_scorers(cfg)
     task = audience_task(dm, cfg.split, int(t.min_buyers), bool(t.exclude_buyers))
     if len(task) == 0:
         raise ValueError(
