@@ -209,7 +209,7 @@ def test_eval_task_audience_end_to_end(tiny_ckpt, tmp_path):
     assert len(frame) == out["items"]
     assert (frame["all/recall@100"] <= 1).all() and (frame["all/precision@10"] >= 0).all()
     paired = pd.read_csv(tmp_path / "audience_paired.csv")
-    assert set(paired["b"]) == {"rfm", "category_affinity", "customer_popularity", "random"}
+    assert set(paired["b"]) == {"rfm", "category_affinity", "customer_popularity", "random", "blend"}
     assert (paired["a"] == "two_tower").all()
     cfg = compose_cfg(
         "eval", [f"ckpt_path={tiny_ckpt}", "task=audience", "task.min_buyers=100000"], tmp_path / "none"
