@@ -150,8 +150,8 @@ def bench_loaded_export(path: Path, queries, exact, args) -> dict:
 def crossover(sizes: list[int], d: int, k: int, target: float, seed: int) -> str:
     """Exact ``Flat`` against ``HNSW32,Flat`` tuned to ``target`` on clustered catalogues of each size:
     single-threaded ms per query (the serving cost), for ``factory: auto``'s ``flat_below``."""
-    from towerrec.retrieval.vectors import clustered_unit
     from towerrec.retrieval.tune import measure, tune
+    from towerrec.retrieval.vectors import clustered_unit
 
     rows = []
     for n in sizes:
