@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import socket
@@ -26,6 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import numpy as np
@@ -138,41 +140,102 @@ def percentiles(lat_s: list[float]) -> dict[str, float]:
     return {"p50 ms": p[0], "p95 ms": p[1], "p99 ms": p[2]}
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection with no client library: the load generator shares the server's
+    cores, so each request it sends should cost it as little Python as possible (requests are encoded
+    before the clock starts; a reply is read by its ``Content-Length``)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        """Send one encoded request; ``(status, body)``. A dropped connection raises and is reopened next time."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            self.writer.write(raw)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            at = head.lower().find(b"\r\ncontent-length:")
+            if at < 0:
+                raise ValueError(f"reply without Content-Length: {head[:200]!r}")
+            length = int(head[at + 17 : head.index(b"\r\n", at + 2)])
+            return status, await self.reader.readexactly(length)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def encode(method: str, path: str, body: dict | None, host: str, headers: dict | None = None) -> bytes:
+    """One HTTP/1.1 request as bytes (a GET's parameters go in ``path``)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    payload = b""
+    if body is not None:
+        payload = json.dumps(body).encode()
+        lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+
+
+def as_path(path: str, params: dict) -> str:
+    return f"{path}?{urlencode(params, doseq=True)}" if params else path
+
+
 async def drive(url: str, requests: list[tuple[str, str, dict]], clients: int, time_limit: float,
-                at_half=None) -> dict:  # fmt: skip
+                at_half=None, client: str = "raw") -> dict:  # fmt: skip
     """Send ``requests`` (method, path, params-or-json) from ``clients`` concurrent clients; stop at the time limit.
 
+    ``client``: ``raw`` (one :class:`Connection` per client) or ``httpx`` (``httpx.AsyncClient``).
     ``at_half``: an async callable run once, when half the requests have been sent (the reload).
     """
     latencies, errors, samples = [], 0, []
     next_i = 0
     deadline = time.perf_counter() + time_limit
     half_result = {}
+    host, port = url.removeprefix("http://").split(":")
+    if client == "raw":
+        encoded = [encode(m, p if m == "POST" else as_path(p, b), b if m == "POST" else None, host)
+                   for m, p, b in requests]  # fmt: skip
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
 
         async def worker():
             nonlocal next_i, errors
+            conn = Connection(host, int(port)) if client == "raw" else None
             while next_i < len(requests) and time.perf_counter() < deadline:
                 i = next_i
                 next_i += 1
                 if at_half is not None and i == len(requests) // 2:
-                    half_result.update(await at_half(client))
-                method, path, body = requests[i]
+                    half_result.update(await at_half(http))
                 t0 = time.perf_counter()
                 try:
-                    if method == "GET":
-                        res = await client.get(path, params=body)
+                    if conn is not None:
+                        status, text = await asyncio.wait_for(conn.request(encoded[i]), 30)
                     else:
-                        res = await client.post(path, json=body)
-                    ok = res.status_code == 200
-                except httpx.HTTPError as err:
-                    ok, res = False, err
+                        method, path, body = requests[i]
+                        if method == "GET":
+                            res = await http.get(path, params=body)
+                        else:
+                            res = await http.post(path, json=body)
+                        status, text = res.status_code, res.content
+                    ok = status == 200
+                except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError,
+                        httpx.HTTPError) as err:  # fmt: skip
+                    ok, text = False, repr(err).encode()
                 latencies.append(time.perf_counter() - t0)
                 if not ok:
                     errors += 1
                     if len(samples) < 3:
-                        samples.append(getattr(res, "text", repr(res))[:200])
+                        samples.append(text[:200].decode(errors="replace"))
+            if conn is not None:
+                conn.close()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -181,9 +244,59 @@ async def drive(url: str, requests: list[tuple[str, str, dict]], clients: int, t
             "samples": samples, **half_result}  # fmt: skip
 
 
+def run_loop(coro):
+    """Run ``coro`` on uvloop where it is installed (a cheaper event loop for the load generator)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (Linux ``/proc``; 0 for one that is gone)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def process_tree(pid: int) -> list[int]:
+    procs, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        procs.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                continue
+    return procs
+
+
+def phase(server_pid: int, coro) -> dict:
+    """Run one load phase; add the CPU seconds the server's processes and this load generator spent."""
+    pids = process_tree(server_pid)
+    server0, client0 = cpu_seconds(pids), time.process_time()
+    result = run_loop(coro)
+    result["server_cpu"] = cpu_seconds(pids) - server0
+    result["client_cpu"] = time.process_time() - client0
+    return result
+
+
 def in_process(index, kind: str, queries: list, time_limit: float) -> dict:
     """The same queries through the Python API, one thread."""
     latencies, deadline = [], time.perf_counter() + time_limit
+    if kind != "similar":
+        from towerrec.retrieval.recommend import Recommender
+
+        recommender = Recommender(index)
     t0 = time.perf_counter()
     for q in queries:
         if time.perf_counter() > deadline:
@@ -192,14 +305,18 @@ def in_process(index, kind: str, queries: list, time_limit: float) -> dict:
         if kind == "similar":
             index.similar_items(q["item_id"], k=q["k"])
         else:
-            index.recommend(q["history"], k=q["k"])
+            recommender.recommend(q["history"], k=q["k"])
         latencies.append(time.perf_counter() - t)
     return {"done": len(latencies), "errors": 0, "wall": time.perf_counter() - t0, "latencies": latencies}
 
 
 def row(label: str, path: str, r: dict) -> dict:
-    return {"export": label, "query": path, "requests": r["done"], "errors": r["errors"],
-            "QPS": r["done"] / r["wall"] if r["wall"] else float("nan"), **percentiles(r["latencies"])}  # fmt: skip
+    out = {"export": label, "query": path, "requests": r["done"], "errors": r["errors"],
+           "QPS": r["done"] / r["wall"] if r["wall"] else float("nan"), **percentiles(r["latencies"])}  # fmt: skip
+    if "server_cpu" in r:  # CPU per request: who pays for it, the server or the load generator
+        out["server CPU ms/req"] = 1000 * r["server_cpu"] / max(1, r["done"])
+        out["client CPU ms/req"] = 1000 * r["client_cpu"] / max(1, r["done"])
+    return out
 
 
 def _kib(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
@@ -216,12 +333,7 @@ def memory_note(pid: int, export: Path) -> str:
     vectors), proportional (shared pages split between processes); and who maps index.faiss."""
     if not Path(f"/proc/{pid}/smaps_rollup").exists():
         return "memory: not measured (no /proc)"
-    procs, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        procs.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            todo += [int(c) for c in (task / "children").read_text().split()]
+    procs = process_tree(pid)
     rows, index_file = [], str((export / "index.faiss").resolve())
     for p in procs:
         try:
@@ -260,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--history-len", type=int, default=5, help="items per recommend history (default 5)")
     p.add_argument("--threads", type=int, default=1, help="towerrec-serve --threads (default 1)")
     p.add_argument("--label", help="the export's name in the table")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="load generator: raw keep-alive connections (default; little Python per request) or httpx")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -306,16 +420,15 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"server ready in {time.perf_counter() - t0:.1f}s (verified export)")
         warm = [("GET", f"/v1/items/{q['item_id']}/similar", {"k": q["k"]}) for q in similar_q[:200]]
         warm += [("POST", "/v1/recommend", q) for q in recommend_q[:40]]  # loads the user tower once
-        asyncio.run(drive(url, warm, 4, 600))
+        run_loop(drive(url, warm, 4, 600, client=args.client))
         notes.append(memory_note(server.pid, export))
 
         def sim(q):
             return ("GET", f"/v1/items/{q['item_id']}/similar", {"k": q["k"]})
 
-        http_sim = asyncio.run(drive(url, [sim(q) for q in similar_q], args.clients, args.time_limit))
-        http_rec = asyncio.run(
-            drive(url, [("POST", "/v1/recommend", q) for q in recommend_q], args.clients, args.time_limit)
-        )
+        load = dict(clients=args.clients, time_limit=args.time_limit, client=args.client)
+        http_sim = phase(server.pid, drive(url, [sim(q) for q in similar_q], **load))
+        http_rec = phase(server.pid, drive(url, [("POST", "/v1/recommend", q) for q in recommend_q], **load))
 
         async def reload(client):
             t = time.perf_counter()
@@ -329,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
             for pair in zip(similar_q, recommend_q, strict=True)
             for x in (sim(pair[0]), ("POST", "/v1/recommend", pair[1]))
         ]
-        http_mix = asyncio.run(drive(url, mixed[:n], args.clients, args.time_limit * 2, at_half=reload))
+        http_mix = phase(server.pid, drive(url, mixed[:n], **{**load, "time_limit": 2 * args.time_limit}, at_half=reload))
     finally:
         server.terminate()
         server.wait(30)

@@ -97,15 +97,19 @@ class ItemIndex:
 
     def search_vector(self, query: np.ndarray, k: int = 10, exclude_idx: set[int] | None = None) -> list[Hit]:
         """The top-k items for one ``(D,)`` unit-norm query, leaving out the item indices ``exclude_idx``."""
-        exclude_idx = exclude_idx or set()
-        fetch = min(len(self), k + len(exclude_idx))
-        scores, found = self.search(query, fetch)
-        hits = [
-            self._hit(int(i), float(s))
-            for s, i in zip(scores[0], found[0], strict=True)
-            if i >= 0 and int(i) not in exclude_idx
-        ]
-        return hits[:k]
+        return self.search_vectors(np.reshape(query, (1, -1)), [k], [exclude_idx or set()])[0]
+
+    def search_vectors(self, queries: np.ndarray, ks: list[int], exclude_idx: list[set[int]]) -> list[list[Hit]]:
+        """The top ``ks[i]`` items for each row of ``(B, D)`` unit-norm ``queries`` in one index search,
+        leaving out the item indices ``exclude_idx[i]``. A row's hits do not depend on the other rows
+        (FAISS scores a query the same way alone or in a batch below its BLAS threshold)."""
+        fetch = min(len(self), max(k + len(ex) for k, ex in zip(ks, exclude_idx, strict=True)))
+        all_scores, all_found = self.search(queries, fetch)
+        out = []
+        for scores, found, k, ex in zip(all_scores.tolist(), all_found.tolist(), ks, exclude_idx, strict=True):
+            hits = [self._hit(i, s) for s, i in zip(scores, found, strict=True) if i >= 0 and i not in ex]
+            out.append(hits[:k])
+        return out
 
     def similar_items(
         self, item_id: str, k: int = 10, exclude: list[str] | tuple[str, ...] = ()
@@ -117,9 +121,14 @@ class ItemIndex:
             k: items to return.
             exclude: raw ids to leave out as well.
         """
-        query = self.embedding(item_id)
-        excluded = set(self.item_idx([item_id, *exclude]).tolist())
-        return self.search_vector(query, k, excluded)
+        return self.similar_items_many([(item_id, k, exclude)])[0]
+
+    def similar_items_many(self, queries: list[tuple[str, int, list[str] | tuple[str, ...]]]) -> list[list[Hit]]:
+        """:meth:`similar_items` of each ``(item_id, k, exclude)``, searched together (one index call)."""
+        rows = self.rows([item_id for item_id, _, _ in queries])
+        excluded = [set(self.item_idx([item_id, *exclude]).tolist()) for item_id, _, exclude in queries]
+        vectors = np.asarray(self.embeddings[rows], dtype=np.float32)  # (B, D)
+        return self.search_vectors(vectors, [k for _, k, _ in queries], excluded)
 
     # ------------------------------------------------------------------ images
     def image(self, item_id: str) -> np.ndarray | None:

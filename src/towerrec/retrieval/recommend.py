@@ -75,13 +75,30 @@ class Recommender:
             exclude: raw ids to leave out.
             exclude_history: leave out the history items too.
         """
-        if not history:
-            raise ValueError("history is empty: give at least one item id")
-        left_out = [*exclude, *history] if exclude_history else list(exclude)
-        excluded = set(self.index.item_idx(left_out).tolist())
-        hits = self.index.search_vector(self.user_vector(history), k, excluded)
+        return self.recommend_many([(history, k, exclude, exclude_history)])[0]
+
+    def recommend_many(
+        self, queries: list[tuple[list[str], int, list[str] | tuple[str, ...], bool]]
+    ) -> list[list[Hit]]:
+        """:meth:`recommend` of each ``(history, k, exclude, exclude_history)``: one user-tower pass per
+        history (a batched pass would change the scores' last bits with the batch), one index search."""
+        for history, *_ in queries:
+            if not history:
+                raise ValueError("history is empty: give at least one item id")
+        excluded = []
+        for history, _, exclude, exclude_history in queries:
+            left_out = [*exclude, *history] if exclude_history else list(exclude)
+            excluded.append(set(self.index.item_idx(left_out).tolist()))
+        vectors = np.stack([self.user_vector(history) for history, *_ in queries])  # (B, D)
+        answers = self.index.search_vectors(vectors, [k for _, k, _, _ in queries], excluded)
+        for (history, *_), hits in zip(queries, answers, strict=True):
+            self._because(history, hits)
+        return answers
+
+    def _because(self, history: list[str], hits: list[Hit]) -> None:
+        """Name on each hit the history item most similar to it."""
         if not hits:
-            return hits
+            return
         hist_rows = self.index.rows(list(history))
         hist_emb = self.index.embeddings[hist_rows]  # (H, D)
         res_emb = self.item_emb[[h.item_idx for h in hits]].numpy()  # (k, D)
@@ -90,4 +107,3 @@ class Recommender:
         for hit, j, row in zip(hits, best, sims, strict=True):
             hit.because = str(history[j])
             hit.because_score = float(row[j])
-        return hits
