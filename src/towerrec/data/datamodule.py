@@ -29,9 +29,9 @@ class SplitRows:
     """A lazy ``(U, W)`` int64 matrix of one evaluation split, cut from the memory-mapped sequences for
     the rows asked for: ``rows[i]`` is ``(W,)``, ``rows[a:b]`` or ``rows[index]`` is ``(n, W)``.
 
-    Nothing of the whole split is held: each access reads its rows' positions from the maps. ``W``
-    depends on the rows asked for (the widest of them, at least ``min_width``); rows are right-padded
-    with 0 (histories are right-aligned within ``max_history`` instead, see :class:`EvalSplit`).
+    Nothing of the whole split is held: each access reads its rows' positions from the maps. Targets
+    and seen items are right-padded with 0 to the widest of the rows asked for, so ``W`` depends on
+    them (a row's own values do not); histories are ``max_history`` wide, left-padded.
 
     Args:
         n: rows (users) of the split.
