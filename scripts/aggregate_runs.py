@@ -2,32 +2,34 @@
 
     python scripts/aggregate_runs.py multirun/train/2026-11-22_10-00-00 [--slices all,cold_items]
 
-Each job folder holds ``metrics.json`` (from towerrec-train) and ``.hydra/overrides.yaml``.
+Each job folder holds ``metrics.json`` (towerrec-train's results record) and ``.hydra/overrides.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from towerrec.evaluation.results import ResultsError, read_results
 
 
 def collect(sweep_dir: Path, slices: list[str], metrics: list[str]) -> pd.DataFrame:
     rows = []
     for path in sorted(sweep_dir.glob("*/metrics.json")):
         job = path.parent
-        m = json.loads(path.read_text())
+        m = read_results(path)
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
         swept = [o for o in overrides if "=" in o and not o.startswith(("data.", "hydra.", "paths."))]
-        row = {"job": job.name, "overrides": " ".join(swept), "seed": m.get("seed")}
-        row.update({f"val_{k}": v for k, v in m.get("val", {}).items()})
+        row = {"job": job.name, "overrides": " ".join(swept), "seed": m.run.get("seed")}
+        row.update({f"val_{k}": v for k, v in m.val.items()})
+        test = m.scores()
         for sl in slices:
             for met in metrics:
-                row[f"{sl}/{met}"] = m.get("test", {}).get(sl, {}).get(met)
+                row[f"{sl}/{met}"] = test.get(sl, {}).get(met)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -38,7 +40,10 @@ def main() -> None:
     ap.add_argument("--slices", default="all,warm_items,cold_items")
     ap.add_argument("--metrics", default="recall@20,ndcg@20")
     args = ap.parse_args()
-    df = collect(args.sweep_dir, args.slices.split(","), args.metrics.split(","))
+    try:
+        df = collect(args.sweep_dir, args.slices.split(","), args.metrics.split(","))
+    except ResultsError as err:
+        raise SystemExit(f"error: {err}") from None
     if df.empty:
         raise SystemExit(f"{args.sweep_dir}: no */metrics.json found")
     df.to_csv(args.sweep_dir / "summary.csv", index=False)

@@ -169,7 +169,7 @@ def child_train(size: str, root: Path, args) -> dict:
 def child_export(size: str, root: Path, args) -> dict:
     from hydra.utils import instantiate
 
-    from towerrec.retrieval import export_index
+    from towerrec.retrieval.writer import export_index
 
     cfg = _compose("export", ["ckpt_path=unused"])
     peaks = _StagePeaks()

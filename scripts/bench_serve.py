@@ -52,8 +52,8 @@ def synthetic_export(
     from towerrec.fileio import file_sha256
     from towerrec.retrieval.folder import FORMAT
     from towerrec.retrieval.index import METRIC_NAME, build_index, exact_search, measure_recall
-    from towerrec.retrieval.vectors import clustered_unit, random_unit
     from towerrec.retrieval.tune import tune_built
+    from towerrec.retrieval.vectors import clustered_unit, random_unit
     from towerrec.retrieval.writer import write_export
 
     rng = np.random.default_rng(seed)
@@ -335,12 +335,13 @@ def main(argv: list[str] | None = None) -> None:
         server.wait(30)
 
     # The same thread counts as the server's, and the user tower loaded before timing (as the server's warm-up).
+    from towerrec.retrieval.recommend import Recommender
     from towerrec.serve.state import set_threads
 
-    index.recommender()
+    recommender = Recommender(index)
     set_threads(args.threads)
     local_sim = in_process(index, "similar", similar_q, args.time_limit)
-    local_rec = in_process(index, "recommend", recommend_q, args.time_limit)
+    local_rec = in_process(recommender, "recommend", recommend_q, args.time_limit)
 
     for path, http, local in (("similar", http_sim, local_sim), ("recommend", http_rec, local_rec)):
         r_http, r_local = (

@@ -117,7 +117,7 @@ def train_tiny(root: Path, *extra: str) -> Path:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     metrics = train(cfg)
-    return Path(metrics["best_checkpoint"])
+    return Path(metrics.run["best_checkpoint"])
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +128,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exports(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
     """One export folder per ``configs/index/*.yaml``."""
-    from towerrec.retrieval import export_index
+    from towerrec.retrieval.writer import export_index
 
     root = tmp_path_factory.mktemp("exports")
     return {

@@ -9,7 +9,6 @@ weights (both shown below).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -24,6 +23,7 @@ from conftest import TINY_DATA, compose_cfg
 
 from towerrec.commands.train import build
 from towerrec.data.build import ensure_prepared
+from towerrec.evaluation.results import read_results
 
 #: Tiny data, but batches large enough (64 windows x 20 positions x 32 dims) that the backward of
 #: the history gather runs on both threads, where its order is not fixed without
@@ -65,7 +65,9 @@ def _finish(proc: subprocess.Popen) -> None:
 
 
 def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
+    """What the comparisons need of a run's results record."""
+    record = read_results(run_dir / "metrics.json")
+    return {"test": record.scores(), "val": record.val, "best_checkpoint": record.run["best_checkpoint"]}
 
 
 def _weights(metrics: dict) -> dict[str, torch.Tensor]:

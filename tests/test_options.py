@@ -55,7 +55,7 @@ def test_every_logger_option_trains_with_the_default_callbacks(logger, tiny_proc
     cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *tiny, f"logger={logger}"], tmp_path / "run")
     assert "lr_monitor" in cfg.callbacks  # the default callbacks, LR monitor included
     metrics = train(cfg)
-    assert metrics["test"]["all"]["users"] > 0
+    assert metrics.scores()["all"]["users"] > 0
     run = Path(cfg.paths.output_dir)
     if logger == "none":
         assert not (run / "csv").exists() and not (run / "tensorboard").exists()
@@ -128,8 +128,8 @@ def test_readme_training_examples(line, took_effect, tiny_processed_dir, tmp_pat
     tiny = [o for o in TINY_TRAIN if "image_encoder.channels" not in o or "image_encoder" not in " ".join(line)]
     cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *tiny, *line], tmp_path / "run")
     metrics = train(cfg)
-    assert 0.0 <= metrics["test"]["all"]["recall@20"] <= 1.0
-    model, _ = load_trained(metrics["best_checkpoint"])  # the option as the trained checkpoint holds it
+    assert 0.0 <= metrics.scores()["all"]["recall@20"] <= 1.0
+    model, _ = load_trained(metrics.run["best_checkpoint"])  # the option as the trained checkpoint holds it
     if took_effect is not None:  # trainer=gpu: that it ran on CUDA is all it changes
         took_effect(model)
 
@@ -138,7 +138,7 @@ def test_readme_training_examples(line, took_effect, tiny_processed_dir, tmp_pat
 def test_export_line_then_query_lines(tiny_train_cfg, tmp_path, capsys):
     metrics = train(tiny_train_cfg())
     out = tmp_path / "exports" / "hnsw"
-    proc = _cli("towerrec.commands.export", f"ckpt_path={metrics['best_checkpoint']}", "index=hnsw", f"out_dir={out}",
+    proc = _cli("towerrec.commands.export", f"ckpt_path={metrics.run['best_checkpoint']}", "index=hnsw", f"out_dir={out}",
                 f"hydra.run.dir={tmp_path / 'export_run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,12 @@ from towerrec.commands.compare import compare
 from towerrec.commands.train import train
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.schema import DataError
+from towerrec.evaluation.results import Results, read_results
 from towerrec.models.checkpoint import load_trained
 
 
 @pytest.fixture(scope="module")
-def refit_run(tmp_path_factory) -> tuple[dict, Path]:
+def refit_run(tmp_path_factory) -> tuple[Results, Path]:
     root = tmp_path_factory.mktemp("refit")
     overrides = [*TINY_DATA, f"data.processed_dir={root / 'data'}", *TINY_TRAIN, "trainer.max_epochs=3",
                  "~trainer.limit_train_batches", "refit=true"]
@@ -29,24 +29,24 @@ def refit_run(tmp_path_factory) -> tuple[dict, Path]:
 def test_refit_trains_the_selected_epochs_on_train_and_val(refit_run):
     metrics, root = refit_run
     run = root / "run"
-    selected = json.loads((run / "select" / "metrics.json").read_text())
-    epochs = selected["best_epoch"] + 1
-    assert metrics["refit"]["epochs"] == epochs
-    assert metrics["val"] == selected["val"]  # the selection's validation value, not a refit one
-    assert metrics["refit"]["selected"]["test"]["all"]["recall@20"] == selected["test"]["all"]["recall@20"]
-    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
-    assert Path(metrics["best_checkpoint"]).name == "final.ckpt"
+    selected = read_results(run / "select" / "metrics.json")
+    epochs = selected.run["best_epoch"] + 1
+    assert metrics.run["refit"]["epochs"] == epochs
+    assert metrics.val == selected.val  # the selection's validation value, not a refit one
+    assert metrics.run["refit"]["selected"]["test"]["all"]["recall@20"] == selected.scores()["all"]["recall@20"]
+    ckpt = torch.load(metrics.run["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert Path(metrics.run["best_checkpoint"]).name == "final.ckpt"
     assert ckpt["epoch"] == epochs  # trained exactly the selected number of epochs
     assert list(ckpt["datamodule_hyper_parameters"]["fit_splits"]) == ["train", "val"]
     assert not any(k.startswith(("ModelCheckpoint", "EarlyStopping")) for k in ckpt["callbacks"])
     # The refit model is tested on the same users and slices as the selection run: paired.
-    assert metrics["test"]["all"]["users"] == selected["test"]["all"]["users"]
-    assert metrics["test"]["cold_items"]["users"] == selected["test"]["cold_items"]["users"]
+    assert metrics.scores()["all"]["users"] == selected.scores()["all"]["users"]
+    assert metrics.scores()["cold_items"]["users"] == selected.scores()["cold_items"]["users"]
 
 
 def test_refit_checkpoint_reloads_with_the_flags_it_trained_on(refit_run):
     metrics, root = refit_run
-    model, dm = load_trained(metrics["best_checkpoint"])
+    model, dm = load_trained(metrics.run["best_checkpoint"])
     inter = dm.interactions
     fit_items = np.unique(inter.loc[inter["split"].isin(["train", "val"]), "item_idx"].to_numpy())
     warm = np.flatnonzero(~model.item_tower.is_cold.numpy())
@@ -89,11 +89,11 @@ def test_rolling_refit_runs_in_every_fold(tmp_path):
     cfg = compose_cfg("train", [*TINY_DATA, f"data.processed_dir={tmp_path / 'data'}", *rolling, *TINY_TRAIN,
                                 "refit=true"], tmp_path / "run")
     metrics = train(cfg)
-    for fold in metrics["folds"]:
+    for fold in metrics.folds:
         assert fold["refit"]["epochs"] >= 1
         assert (tmp_path / "run" / fold["dir"] / "select" / "metrics.json").exists()
         ckpt = torch.load(tmp_path / "run" / fold["dir"] / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
         assert list(ckpt["datamodule_hyper_parameters"]["fit_splits"]) == ["train", "val"]
     # The selection runs are pooled too, on the same (fold, user) pairs: refit against no refit.
     table, _, _ = compare(tmp_path / "run", tmp_path / "run" / "select", metrics=["recall@20"])
-    assert table.loc[table["slice"] == "all", "users"].item() == metrics["test"]["all"]["users"]
+    assert table.loc[table["slice"] == "all", "users"].item() == metrics.scores()["all"]["users"]

@@ -22,6 +22,7 @@ from towerrec.evaluation.report import (
     mean_std,
     pooled_intervals,
 )
+from towerrec.evaluation.results import ModelResult, read_results
 
 EXPERIMENTS = ["synthetic_fusion", "synthetic_no_image"]
 BASELINES = ["popularity", "repurchase"]
@@ -93,45 +94,44 @@ def table_rows(md: str) -> tuple[list[str], list[list[str]]]:
 
 
 def test_json_holds_metrics_in_range_and_means_of_the_runs(tiny_reproduction):
-    result = json.loads((tiny_reproduction / "reproduce.json").read_text())
-    assert result["header"]["seeds"] == SEEDS
-    assert result["header"]["git"]["commit"]
-    assert set(result["models"]) == {*EXPERIMENTS, *BASELINES}
-    for name, model in result["models"].items():
+    result = read_results(tiny_reproduction / "reproduce.json")
+    assert result.kind == "reproduce" and result.split == "test"
+    assert result.header["seeds"] == SEEDS
+    assert result.header["git"]["commit"]
+    assert set(result.models) == {*EXPERIMENTS, *BASELINES}
+    for name, model in result.models.items():
         for sl in ("all", "warm_items", "cold_items"):
             for metric in ("recall@20", "ndcg@20", "mrr@20"):
-                assert 0.0 <= model["metrics"][sl][metric] <= 1.0, (name, sl, metric)
-        assert 0.0 < model["metrics"]["all"]["coverage@20"] <= 1.0
+                assert 0.0 <= model.metrics[sl][metric] <= 1.0, (name, sl, metric)
+        assert 0.0 < model.metrics["all"]["coverage@20"] <= 1.0
     for name in EXPERIMENTS:
-        model = result["models"][name]
-        assert model["kind"] == "trained" and [r["seed"] for r in model["runs"]] == SEEDS
-        runs = [
-            json.loads((tiny_reproduction / r["dir"] / "metrics.json").read_text()) for r in model["runs"]
-        ]
-        recalls = [run["test"]["all"]["recall@20"] for run in runs]
-        assert model["metrics"]["all"]["recall@20"] == pytest.approx(sum(recalls) / 2)
-        assert model["std"]["all"]["recall@20"] == pytest.approx(abs(recalls[0] - recalls[1]) / math.sqrt(2))
-    for name, model in result["models"].items():  # a 95% interval over users brackets every mean
+        model = result.models[name]
+        assert model.role == "trained" and [r["seed"] for r in model.details["runs"]] == SEEDS
+        runs = [read_results(tiny_reproduction / r["dir"] / "metrics.json") for r in model.details["runs"]]
+        recalls = [run.scores()["all"]["recall@20"] for run in runs]
+        assert model.metrics["all"]["recall@20"] == pytest.approx(sum(recalls) / 2)
+        assert model.std["all"]["recall@20"] == pytest.approx(abs(recalls[0] - recalls[1]) / math.sqrt(2))
+    for name, model in result.models.items():  # a 95% interval over users brackets every mean
         for sl in ("all", "warm_items", "cold_items"):
-            lo, hi = model["interval"][sl]["recall@20"]
-            assert lo <= model["metrics"][sl]["recall@20"] <= hi, (name, sl)
+            lo, hi = model.interval[sl]["recall@20"]
+            assert lo <= model.metrics[sl]["recall@20"] <= hi, (name, sl)
     # Paired tests against the best baseline by Recall@20 of "all": the mean difference over the users is
     # the difference of the means (every test user is in every run), the p-value a probability.
-    best = result["header"]["comparison"]["baseline"]
-    recall = {n: m["metrics"]["all"]["recall@20"] for n, m in result["models"].items()}
+    best = result.header["comparison"]["baseline"]
+    recall = {n: m.metrics["all"]["recall@20"] for n, m in result.models.items()}
     assert best == max(BASELINES, key=recall.get)
-    for name, model in result["models"].items():
+    for name, model in result.models.items():
         if name == best:
-            assert "vs_best" not in model
+            assert "vs_best" not in model.details
             continue
         for sl in ("all", "warm_items", "cold_items"):
-            test = model["vs_best"][sl]
+            test = model.details["vs_best"][sl]
             assert 0.0 < test["p_value"] <= 1.0 and test["verdict"] in ("better", "worse", "not distinguishable")
             assert test["lo"] <= test["mean_diff"] <= test["hi"]
-        assert model["vs_best"]["all"]["mean_diff"] == pytest.approx(recall[name] - recall[best])
-        assert model["vs_best"]["all"]["users"] == model["metrics"]["all"]["users"]
-        assert 0.0 <= model["metrics"]["all"]["map@12"] <= 1.0
-    assert result["models"]["synthetic_no_image"]["overrides"][-1] == "model.item_tower.image_encoder=null"
+        assert model.details["vs_best"]["all"]["mean_diff"] == pytest.approx(recall[name] - recall[best])
+        assert model.details["vs_best"]["all"]["users"] == model.metrics["all"]["users"]
+        assert 0.0 <= model.metrics["all"]["map@12"] <= 1.0
+    assert result.models["synthetic_no_image"].details["overrides"][-1] == "model.item_tower.image_encoder=null"
     # The baselines ran through towerrec-eval, which wrote its own files.
     assert (tiny_reproduction / "baselines" / "metrics.md").is_file()
 
@@ -170,8 +170,8 @@ def test_mean_std_and_table_cells():
     assert mean["all"]["recall@20"] == pytest.approx(0.3)
     assert std["all"]["recall@20"] == pytest.approx(math.sqrt(0.02))
     models = {
-        "two_tower": {"metrics": mean, "std": std},
-        "popularity": {"metrics": {"all": {"recall@20": 0.1, "users": 10, "mrr@20": math.nan}}},
+        "two_tower": ModelResult("trained", mean, std),
+        "popularity": ModelResult("baseline", {"all": {"recall@20": 0.1, "users": 10, "mrr@20": math.nan}}),
     }
     header, rows = table_rows(format_reproduce_table(models, ["all", "cold_items"], k=20))
     assert header == ["slice", "model", "users", "Recall@20", "NDCG@20", "MRR@20", "MAP@12", "coverage@20", "Recall@20 95% interval"]
@@ -179,8 +179,8 @@ def test_mean_std_and_table_cells():
         ["all", "two_tower", "10", "0.3000 ± 0.1414", "–", "–", "–", "–", "–"],
         ["all", "popularity", "10", "0.1000", "–", "–", "–", "–", "–"],
     ]  # no cold_items slice in either model
-    models["popularity"]["interval"] = {"all": {"recall@20": [0.05, 0.15]}}
-    models["two_tower"]["vs_best"] = {"all": {"mean_diff": 0.2, "p_value": 0.0312, "verdict": "better"}}
+    models["popularity"].interval = {"all": {"recall@20": [0.05, 0.15]}}
+    models["two_tower"].details["vs_best"] = {"all": {"mean_diff": 0.2, "p_value": 0.0312, "verdict": "better"}}
     header, rows = table_rows(format_reproduce_table(models, ["all"], k=20, vs="popularity"))
     assert header[-1] == "vs popularity: ΔRecall@20 (p)"
     assert rows[0][-1] == "+0.2000 (p = 0.0312) better"
@@ -189,10 +189,10 @@ def test_mean_std_and_table_cells():
 
 def test_best_baseline_and_paired_comparison_by_hand():
     models = {
-        "fusion": {"kind": "trained", "metrics": {"all": {"recall@20": 0.9}}},
-        "popularity": {"kind": "baseline", "metrics": {"all": {"recall@20": 0.2}}},
-        "repurchase": {"kind": "baseline", "metrics": {"all": {"recall@20": 0.3}}},
-        "random": {"kind": "baseline", "metrics": {"all": {"recall@20": math.nan}}},
+        "fusion": ModelResult("trained", {"all": {"recall@20": 0.9}}),
+        "popularity": ModelResult("baseline", {"all": {"recall@20": 0.2}}),
+        "repurchase": ModelResult("baseline", {"all": {"recall@20": 0.3}}),
+        "random": ModelResult("baseline", {"all": {"recall@20": math.nan}}),
     }
     assert best_baseline(models, "recall@20") == "repurchase"
     assert best_baseline({"fusion": models["fusion"]}, "recall@20") is None

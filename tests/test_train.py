@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from conftest import HM_ROOT, TINY_DATA, TINY_TRAIN, compose_cfg, needs_hm
 
 from towerrec import CONFIG_DIR
 from towerrec.commands.train import train
+from towerrec.evaluation.results import read_results
 
 # The *_pretrained experiments need the extras and 128-px images: tests/models/test_pretrained.py runs them.
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if "pretrained" not in p.stem)
@@ -50,13 +50,13 @@ def test_every_experiment_trains_a_batch_or_two(name, tmp_path):
     if name in ("hm_content_only", "movielens"):
         overrides.remove("model.item_tower.image_encoder.channels=4")
     metrics = train(compose_cfg("train", overrides, tmp_path / "run"))
-    test = metrics["test"]
+    test = metrics.scores()
     for key in ("all", "warm_items", "cold_items"):
         assert key in test
     assert 0.0 <= test["all"]["recall@20"] <= 1.0
-    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(saved["test"]["all"]) >= {"recall@20", "ndcg@20"}
-    assert saved["best_checkpoint"] and Path(saved["best_checkpoint"]).is_file()
+    saved = read_results(tmp_path / "run" / "metrics.json")
+    assert saved.kind == "train" and set(saved.scores("two_tower")["all"]) >= {"recall@20", "ndcg@20"}
+    assert saved.run["best_checkpoint"] and Path(saved.run["best_checkpoint"]).is_file()
 
 
 @pytest.mark.parametrize(
@@ -73,21 +73,23 @@ def test_hm_ablations_keep_only_their_own_input(name, kept, tmp_path):
 def test_metrics_json_shape_and_best_checkpoint_chosen_on_validation(tiny_train_cfg, tmp_path):
     cfg = tiny_train_cfg("trainer.max_epochs=2")
     metrics = train(cfg)
-    assert set(metrics["test"]) >= {"all", "warm_items", "cold_items"}
-    assert any(k.startswith("history=") for k in metrics["test"])
-    assert any(k.startswith("lifecycle=") for k in metrics["test"])
-    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    test = metrics.scores()
+    assert set(test) >= {"all", "warm_items", "cold_items"}
+    assert any(k.startswith("history=") for k in test)
+    assert any(k.startswith("lifecycle=") for k in test)
+    best = metrics.run["best_checkpoint"]
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
     monitor = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")][0]
     assert monitor["monitor"] == "val/ndcg@20"
-    assert Path(metrics["best_checkpoint"]).name.startswith("epoch") and "-ndcg20_" in metrics["best_checkpoint"]
+    assert Path(best).name.startswith("epoch") and "-ndcg20_" in best
     # The module itself records its config and the data it was built for (no help from train.py).
     assert ckpt["hyper_parameters"]["config"]["meta"]["num_items"] == 120
-    assert ckpt["hyper_parameters"]["meta"]["config_hash"] == metrics["data"]["config_hash"]
+    assert ckpt["hyper_parameters"]["meta"]["config_hash"] == metrics.data["config_hash"]
     assert ckpt["datamodule_hyper_parameters"]["processed_dir"] == cfg.datamodule.processed_dir
     # Per-user test values: their means are the reported metrics, inside the reported intervals.
     per_user = pd.read_parquet(Path(cfg.paths.output_dir) / "test_per_user.parquet")
     for sl in ("all", "warm_items", "cold_items"):
-        reported = metrics["test"][sl]
+        reported = test[sl]
         assert per_user[f"{sl}/recall@20"].mean() == pytest.approx(reported["recall@20"])
         assert reported["recall_lo@20"] <= reported["recall@20"] <= reported["recall_hi@20"]
     assert per_user["user_idx"].is_unique
@@ -102,8 +104,8 @@ def test_resumed_run_matches_uninterrupted_run(tiny_processed_dir, tmp_path):
     resumed = train(compose_cfg("train", [*base, "trainer.max_epochs=3", f"ckpt_path={last}"], tmp_path / "part"))
     for sl in ("all", "warm_items"):
         for key in ("recall@20", "ndcg@20"):
-            assert resumed["test"][sl][key] == pytest.approx(full["test"][sl][key], abs=1e-6)
-    assert resumed["val"] == pytest.approx(full["val"])
+            assert resumed.scores()[sl][key] == pytest.approx(full.scores()[sl][key], abs=1e-6)
+    assert resumed.val == pytest.approx(full.val)
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -127,10 +129,10 @@ def test_ddp_two_cpu_processes_match_one_process_at_the_same_global_batch(tiny_p
     assert two.returncode == 0, two.stderr[-3000:]
     one = _cli([*base, f"paths.output_dir={tmp_path / 'one'}", "datamodule.batch_size=32"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("two", "one"))
-    assert a["test"]["all"]["users"] == b["test"]["all"]["users"] > 0
+    a, b = (read_results(tmp_path / name / "metrics.json").scores()["all"] for name in ("two", "one"))
+    assert a["users"] == b["users"] > 0
     for key in ("recall@20", "ndcg@20"):
-        assert a["test"]["all"][key] == pytest.approx(b["test"]["all"][key], abs=DDP_TOLERANCE), key
+        assert a[key] == pytest.approx(b[key], abs=DDP_TOLERANCE), key
 
 
 @pytest.mark.slow
@@ -166,15 +168,15 @@ def test_optuna_sweep_maximises_validation_ndcg(tiny_processed_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = OmegaConf.load(tmp_path / "optuna" / "optimization_results.yaml")
     # Each trial's objective is its best validation NDCG@20 (never a test figure); optuna kept the largest.
-    trials = [json.loads(f.read_text()) for f in sorted((tmp_path / "optuna").glob("*/metrics.json"))]
-    assert len(trials) == 2 and all(list(t["val"]) == ["best_ndcg@20"] for t in trials)
-    assert best.best_value == max(t["val"]["best_ndcg@20"] for t in trials)
+    trials = [read_results(f) for f in sorted((tmp_path / "optuna").glob("*/metrics.json"))]
+    assert len(trials) == 2 and all(list(t.val) == ["best_ndcg@20"] for t in trials)
+    assert best.best_value == max(t.val["best_ndcg@20"] for t in trials)
 
 
 def test_gated_fusion_is_selectable_from_the_config(tiny_train_cfg):
     cfg = tiny_train_cfg("model/fusion@model.item_tower.fusion=gated")
     assert cfg.model.item_tower.fusion._target_.endswith("GatedSumFusion")
     metrics = train(cfg)
-    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    ckpt = torch.load(metrics.run["best_checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["config"]["item_tower"]["fusion"]["_target_"].endswith("GatedSumFusion")
     assert any(k.startswith("item_tower.fusion.gate.") for k in ckpt["state_dict"])

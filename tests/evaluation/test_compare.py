@@ -10,6 +10,7 @@ import pytest
 
 from towerrec.commands.compare import compare, main
 from towerrec.evaluation.per_user import read_per_user, write_per_user
+from towerrec.evaluation.results import single
 
 DATA = {"name": "synthetic", "config_hash": "abc123"}
 
@@ -68,10 +69,17 @@ def test_a_train_run_folder_is_identified_by_its_metrics_json(two_files, tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     frame([0.5] * 40, [0.0] * 40).to_parquet(run / "test_per_user.parquet", index=False)  # as towerrec-train writes it
-    (run / "metrics.json").write_text(json.dumps({"test": {}, "data": {**DATA, "split": {"method": "temporal"}}}))
+    single("train", "test", {**DATA, "split": {"method": "temporal"}}, "two_tower", {}).write(run / "metrics.json")
     table, meta_a, meta_b = compare(run, two_files[1])
     assert meta_a == {"model": "two_tower", "split": "test", "data": DATA}
     assert table.set_index(["slice", "metric"]).loc[("all", "recall@20"), "mean_diff"] == 0.5
+    # The shape towerrec-train wrote before the results record: refused in one line naming the file.
+    (run / "metrics.json").write_text(json.dumps({"test": {}, "data": {**DATA, "split": {"method": "temporal"}}}))
+    with pytest.raises(SystemExit) as refused:
+        main([str(run), str(two_files[1])])
+    message = str(refused.value)
+    assert message.startswith("towerrec-compare: ") and "\n" not in message
+    assert f"{run / 'metrics.json'}: not a towerrec results record of version 1 (no format field)" in message
 
 
 def test_bad_inputs_give_one_line_errors(two_files, tmp_path):

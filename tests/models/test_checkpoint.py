@@ -76,7 +76,8 @@ def test_score_split_reports_image_diversity_of_the_ranked_lists(fitted):
 def test_plain_trainer_fit_checkpoint_exports(fitted, tmp_path):
     from retrieval.conftest import index_spec
 
-    from towerrec.retrieval import export_index, load_export
+    from towerrec.retrieval import load_export
+    from towerrec.retrieval.writer import export_index
 
     out = export_index(fitted[0], index_spec("flat"), tmp_path / "export", n_queries=20)
     assert len(load_export(out)) == fitted[2].meta["num_items"]

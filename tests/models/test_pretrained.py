@@ -171,8 +171,8 @@ def test_pretrained_experiments_train_a_batch_or_two(name, tmp_path):
     if cfg.datamodule.sentence_features:
         _load_script().main([o for o in overrides if not o.startswith("model.")])  # the README's one command
     metrics = train(cfg)
-    assert 0.0 <= metrics["test"]["all"]["recall@20"] <= 1.0
-    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert 0.0 <= metrics.scores()["all"]["recall@20"] <= 1.0
+    ckpt = torch.load(metrics.run["best_checkpoint"], map_location="cpu", weights_only=True)
     meta = ckpt["hyper_parameters"]["meta"]
     if cfg.datamodule.sentence_features:
         # The run records which features file and model it used.

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from towerrec.retrieval import ExportError, export_index, load_export
+from towerrec.retrieval import ExportError, load_export
 from towerrec.retrieval.customers import (
     CUSTOMER_FILES,
     AudienceError,
@@ -21,7 +21,8 @@ from towerrec.retrieval.customers import (
     read_opt_outs,
 )
 from towerrec.retrieval.folder import MANIFEST_FILE
-from towerrec.retrieval.writer import customer_histories
+from towerrec.retrieval.recommend import Recommender
+from towerrec.retrieval.writer import customer_histories, export_index
 
 from .conftest import index_spec
 
@@ -85,7 +86,7 @@ def test_customer_embeddings_are_the_user_tower_of_the_whole_history(customer_ex
     (the same function validation ranks with), as the history query computes it."""
     index = load_export(customer_exports["flat"])
     aud = load_audiences(index)
-    rec = index.recommender()
+    rec = Recommender(index)
     purchases = pd.read_parquet(index.manifest["data"]["processed_dir"] + "/interactions.parquet")
     for row in (0, len(aud) // 2, len(aud) - 1):
         user_idx = int(aud.customers["user_idx"].iloc[row])

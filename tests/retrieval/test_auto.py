@@ -50,8 +50,8 @@ def test_default_export_is_auto_and_says_why(exports):
 
 def test_auto_keeps_the_cheaper_of_the_tuned_graph_and_exact_search():
     from towerrec.retrieval.index import exact_search
-    from towerrec.retrieval.vectors import clustered_unit
     from towerrec.retrieval.tune import tune_built
+    from towerrec.retrieval.vectors import clustered_unit
 
     x = clustered_unit(3000, 16, seed=0)
     ids = np.arange(1, len(x) + 1)
@@ -76,8 +76,8 @@ def test_auto_falls_back_to_exact_search_when_the_index_misses_the_target():
     from dataclasses import replace
 
     from towerrec.retrieval.index import exact_search
-    from towerrec.retrieval.vectors import clustered_unit
     from towerrec.retrieval.tune import tune_built
+    from towerrec.retrieval.vectors import clustered_unit
 
     x = clustered_unit(3000, 16, seed=0)
     ids = np.arange(1, len(x) + 1)

@@ -31,9 +31,8 @@ def test_item_to_item_query_imports_no_lightning_and_no_models(exports):
 
 def test_history_queries_load_the_user_model_through_the_one_loader(exports):
     from towerrec.retrieval import load_export
-    from towerrec.retrieval.recommend import load_model
+    from towerrec.retrieval.recommend import Recommender, load_model
 
-    index = load_export(exports["flat"])
-    rec = index.recommender()
+    rec = Recommender(load_export(exports["flat"]))
     assert rec.model.__class__.__name__ == "TwoTowerModule" and not rec.model.training
     assert load_model.__module__ == "towerrec.models.checkpoint"

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from towerrec.models.checkpoint import load_trained
-from towerrec.retrieval import ExportError, UnknownItemError, export_index, load_export
+from towerrec.retrieval import ExportError, UnknownItemError, load_export
 from towerrec.retrieval.folder import manifest_digest
 from towerrec.retrieval.index import measure_recall
+from towerrec.retrieval.recommend import Recommender
+from towerrec.retrieval.writer import export_index
 
 from .conftest import INDEX_CONFIGS, index_spec, train_tiny
 
@@ -77,7 +79,8 @@ def test_similar_items_exclude(exports):
 def test_recommend_explains_with_history(exports):
     index = load_export(exports["hnsw"])
     history = index.items["item_id"].iloc[[5, 17, 40]].tolist()
-    hits = index.recommend(history, k=6)
+    rec = Recommender(index)
+    hits = rec.recommend(history, k=6)
     assert len(hits) == 6 and not set(history) & {h.item_id for h in hits}
     for h in hits:
         sims = [float(index.embedding(h.item_id) @ index.embedding(i)) for i in history]
@@ -85,10 +88,10 @@ def test_recommend_explains_with_history(exports):
         assert h.because_score == pytest.approx(max(sims), abs=1e-5)
         assert h.to_dict()["because"] == h.because
     # The whole catalogue back: exact search (a tuned HNSW need not visit all 150 items for k=150).
-    kept = load_export(exports["flat"]).recommend(history, k=150, exclude_history=False)
+    kept = Recommender(load_export(exports["flat"])).recommend(history, k=150, exclude_history=False)
     assert set(history) <= {h.item_id for h in kept}
     with pytest.raises(ValueError, match="empty"):
-        index.recommend([], k=3)
+        rec.recommend([], k=3)
 
 
 def test_recommend_refuses_a_changed_checkpoint(exports, tmp_path):
@@ -100,7 +103,7 @@ def test_recommend_refuses_a_changed_checkpoint(exports, tmp_path):
     (root / "manifest.json").write_text(json.dumps(manifest))
     index = load_export(root)
     with pytest.raises(ExportError, match="sha256 mismatch"):
-        index.recommend(index.items["item_id"].iloc[:2].tolist())
+        Recommender(index)
 
 
 def _copy(exports, tmp_path, name="flat"):
@@ -190,6 +193,7 @@ def test_export_with_content_sketch_serves_the_models_own_scores(tmp_path):
     assert user.shape == (3, 48) and torch.allclose(user.norm(dim=-1), torch.ones(3), atol=1e-5)
     raw = [str(i) for i in dm.items.set_index("item_idx").loc[history[0][history[0] > 0].tolist(), "item_id"]]
     # The served query (weights only, sketches read back from the export) is the model's own.
-    assert np.allclose(index.recommender().user_vector(raw), user[0].numpy(), atol=1e-5)
-    hits = index.recommend(raw, k=5)
+    rec = Recommender(index)
+    assert np.allclose(rec.user_vector(raw), user[0].numpy(), atol=1e-5)
+    hits = rec.recommend(raw, k=5)
     assert len(hits) == 5 and all(h.because for h in hits)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from towerrec.models.checkpoint import load_trained
-from towerrec.retrieval import ExportError, export_index, load_export
+from towerrec.retrieval import ExportError, load_export
 from towerrec.retrieval.index import exact_search, normalized
 from towerrec.retrieval.tune import TargetRecallError, measure, parameter_ranges, tune
-from towerrec.retrieval.writer import tuning_queries
+from towerrec.retrieval.writer import export_index, tuning_queries
 
 from .conftest import index_spec
 

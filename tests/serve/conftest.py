@@ -86,7 +86,7 @@ def serve_exports(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
     (a copy of ``flat`` that the reload test replaces)."""
     from conftest import index_spec
 
-    from towerrec.retrieval import export_index
+    from towerrec.retrieval.writer import export_index
 
     root = tmp_path_factory.mktemp("serve_exports")
     out = {

@@ -6,8 +6,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from towerrec.retrieval import export_index, load_export
+from towerrec.retrieval import load_export
 from towerrec.retrieval.customers import Campaign, Filters, load_audiences
+from towerrec.retrieval.writer import export_index
 from towerrec.serve.app import ServeSettings, create_app
 
 from .conftest import Server
@@ -85,3 +86,39 @@ def test_audiences_over_http_and_nothing_about_customers_in_the_log(customer_exp
     log = (tmp_path / "server.log").read_text()
     assert "POST /v1/audience" in log  # the access log is on
     assert not [c for c in aud.customers["customer_id"] if c in log]
+
+
+def test_audience_limits_are_stated_and_enforced(customer_export):
+    """``k`` up to ``--max-audience-k`` (422 above), campaigns up to ``--max-batch`` and ids per list up
+    to ``--max-items`` (413 above), each stated in the published schema."""
+    index = load_export(customer_export)
+    items = index.items["item_id"].astype(str).tolist()
+    settings = ServeSettings(
+        export=str(customer_export), audience_token=TOKEN, max_audience_k=12, max_batch=2, max_items=3
+    )
+    client = TestClient(create_app(settings, index), headers={"Authorization": f"Bearer {TOKEN}"})
+    schema = client.get("/openapi.json").json()
+    props = schema["components"]["schemas"]["CampaignIn"]["properties"]
+    assert props["k"]["maximum"] == 12 and props["items"]["maxItems"] == 3
+    request = schema["components"]["schemas"]["AudienceRequest"]["properties"]
+    assert request["campaigns"]["maxItems"] == 2 and request["exclude"]["maxItems"] == 3
+    assert schema["info"]["x-limits"]["max_audience_k"] == 12
+    codes = {int(c) for c in schema["paths"]["/v1/audience"]["post"]["responses"]}
+
+    def post(body):
+        return client.post("/v1/audience", json=body)
+
+    r = post(_body(items[:3], 12, exclude=["a", "b", "c"]))
+    assert r.status_code == 200 and len(r.json()["audiences"][0]["customers"]) == 12, r.text
+    two = {"campaigns": [{"items": [items[0]], "k": 12}, {"items": [items[1]], "k": 12}]}
+    assert post(two).status_code == 200, post(two).text
+    for body, status, words in [
+        (_body([items[0]], 13), 422, "campaigns.0.k: 13 is above this server's max_audience_k of 12"),
+        ({"campaigns": [{"items": [items[0]], "k": 5}, {"items": [items[1]], "k": 13}]}, 422, "campaigns.1.k"),
+        ({"campaigns": [{"items": [items[0]], "k": 5}] * 3}, 413, "3 campaigns in one batch"),
+        (_body(items[:4], 5), 413, "4 ids in one list, over this server's limit of 3"),
+        (_body([items[0]], 5, exclude=["a", "b", "c", "d"]), 413, "4 ids in one list"),
+    ]:
+        r = post(body)
+        assert r.status_code == status and status in codes, r.text
+        assert words in r.json()["detail"] and "\n" not in r.json()["detail"]

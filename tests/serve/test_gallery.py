@@ -136,7 +136,7 @@ def test_gallery_reports_an_unknown_item(server):
 def hm_export(tmp_path_factory) -> Path:
     """A two-batch ``hm_fusion`` model on the real H&M sample (16 px images), exported flat."""
     from towerrec.commands.train import train
-    from towerrec.retrieval import export_index
+    from towerrec.retrieval.writer import export_index
 
     root = tmp_path_factory.mktemp("hm")
     tiny = [o for o in TINY_TRAIN if not o.startswith("model.item_tower.image_encoder")]
@@ -146,7 +146,7 @@ def hm_export(tmp_path_factory) -> Path:
          "data.image_size=16", *tiny, "+trainer.limit_test_batches=2"],
         root / "run",
     )  # fmt: skip
-    ckpt = train(cfg)["best_checkpoint"]
+    ckpt = train(cfg).run["best_checkpoint"]
     return export_index(ckpt, index_spec("flat"), root / "export", n_queries=50)
 
 

@@ -40,7 +40,9 @@ def test_schema_limits_are_the_servers_own(api, schema):
     item = api.get("/v1/export").json()["example_item_ids"][0]
     others = api.get("/v1/export").json()["example_item_ids"][1:]
     limits = schema["info"]["x-limits"]
-    assert limits == {"max_k": 50, "max_items": 20, "max_batch": 4, "max_body_bytes": 4000}  # conftest's server
+    assert limits == {  # conftest's server (and the default --max-audience-k)
+        "max_k": 50, "max_items": 20, "max_batch": 4, "max_body_bytes": 4000, "max_audience_k": 10_000,
+    }  # fmt: skip
 
     similar = f"/v1/items/{item}/similar"
     params = {p["name"]: p["schema"] for p in schema["paths"]["/v1/items/{item_id}/similar"]["get"]["parameters"]}

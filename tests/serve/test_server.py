@@ -18,6 +18,7 @@ from PIL import Image
 
 from towerrec.commands.similar import main as similar_cli
 from towerrec.retrieval import load_export
+from towerrec.retrieval.recommend import Recommender
 
 from .conftest import TOKEN, env
 
@@ -111,7 +112,7 @@ def test_recommend_matches_cli_and_python_api(api, local, serve_exports, capsys)
         args = ["--export", str(serve_exports["served"]), "--history", ",".join(history), "-k", "6",
                 "--exclude", ",".join(exclude), *(["--keep-history"] if keep else [])]  # fmt: skip
         assert served == cli_json(capsys, *args)
-        hits = local.recommend(history, k=6, exclude=exclude, exclude_history=not keep)
+        hits = Recommender(local).recommend(history, k=6, exclude=exclude, exclude_history=not keep)
         assert served["results"] == [h.to_dict() for h in hits]
         assert all(h["because"] in history for h in served["results"])
         assert not set(exclude) & {h["item_id"] for h in served["results"]}

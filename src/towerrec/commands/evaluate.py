@@ -8,10 +8,10 @@ they overstate quality and can reorder models.
 
 Writes into ``out_dir``:
 
-* ``metrics.json``: one scorer: ``{slice: {metric@k: value}, "model", "split", "data": {name,
-  config_hash}}``; several (``baseline=all``, or a checkpoint plus a baseline): ``{"models": {name:
-  {slice: ...}}, "split", "data"}`` and each scorer's own file in ``<out_dir>/<name>/``. NaN (a slice
-  without users) is written as null.
+* ``metrics.json``: a :class:`~towerrec.evaluation.results.Results` record of kind ``eval`` with
+  every scorer's ``{slice: {metric@k: value}}``; with several scorers (``baseline=all``, or a
+  checkpoint plus a baseline) each also gets its own one-scorer record in ``<out_dir>/<name>/``. NaN
+  (a slice without users) is written as null.
 * ``metrics.md``: the main slices as a markdown table, then every slice.
 * ``<split>_per_user.parquet`` beside each scorer's ``metrics.json``: every user's metrics in the item
   slices, for ``towerrec-compare`` (:mod:`towerrec.evaluation.per_user`).
@@ -26,18 +26,18 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from towerrec.backtest import evaluate_folds, is_rolling
+from towerrec.backtest import audience_folds, evaluate_folds, is_rolling
 from towerrec.commands.common import hydra_cli
 from towerrec.data.build import ensure_prepared
 from towerrec.data.datamodule import SequenceDataModule
 from towerrec.evaluation.baselines import Baseline, rank
 from towerrec.evaluation.evaluator import format_table, score_split
 from towerrec.evaluation.per_user import per_user_name, write_per_user
-from towerrec.fileio import write_json
+from towerrec.evaluation.results import ModelResult, Results, role_of, single
 
 log = logging.getLogger(__name__)
 
-Results = dict[str, dict[str, float]]
+Slices = dict[str, dict[str, float]]
 
 
 def build_baselines(cfg: DictConfig | None) -> dict[str, Baseline]:
@@ -50,7 +50,7 @@ def build_baselines(cfg: DictConfig | None) -> dict[str, Baseline]:
     return {name: instantiate(sub) for name, sub in cfg.items()}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Results]:
+def evaluate(cfg: DictConfig) -> dict[str, Slices]:
     """Evaluate the checkpoint and/or baselines of ``cfg`` on ``cfg.split``; write and print the tables.
 
     Returns:
@@ -59,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     if cfg.get("task") is not None and cfg.task.name == "audience":  # item -> customers
         from towerrec.evaluation.audience_task import evaluate_audience
 
-        return evaluate_audience(cfg)
+        return audience_folds(cfg, evaluate_audience) if is_rolling(cfg.data) else evaluate_audience(cfg)
     if is_rolling(cfg.data):  # every fold, then pooled over (fold, user) pairs
         return evaluate_folds(cfg, evaluate)
     baseline_cfg = cfg.get("baseline")
@@ -71,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
         raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
     ks = sorted(int(k) for k in cfg.ks)
 
-    results: dict[str, Results] = {}
+    results: dict[str, Slices] = {}
     per_user: dict[str, pd.DataFrame] = {}  # scorer -> each user's values in the item slices
     if cfg.ckpt_path is not None:
         # Imported here so that baseline runs do not load the model code.
@@ -101,10 +101,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Results]:
     for name, res in results.items():
         target = out if len(results) == 1 else out / name
         target.mkdir(parents=True, exist_ok=True)
-        write_json(target / "metrics.json", {**res, "model": name, **meta})
+        single("eval", cfg.split, meta["data"], name, res).write(target / "metrics.json")
         write_per_user(per_user[name], target / per_user_name(cfg.split), name, cfg.split, meta["data"])
     if len(results) > 1:
-        write_json(out / "metrics.json", {"models": results, **meta})
+        models = {name: ModelResult(role_of(name), res) for name, res in results.items()}
+        Results("eval", cfg.split, meta["data"], models).write(out / "metrics.json")
 
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")] + [f"coverage@{max(ks)}"]
     main = {m: {s: r[s] for s in cfg.print_slices if s in r} for m, r in results.items()}

@@ -8,7 +8,8 @@ headed by the data hash, the git commit, the wall time, the split and the seeds.
 Writes into ``out_dir``::
 
     reproduce.md             the header and the table (slices x models, metrics at ``k``)
-    reproduce.json           the header, and per model every slice's metrics (mean and std over seeds)
+    reproduce.json           a results record (kind ``reproduce``): the header, and per model every
+                             slice's metrics (mean and std over seeds), intervals and paired tests
     baselines/               towerrec-eval's metrics.json and metrics.md (one folder per baseline)
     runs/<name>/seed<s>/     towerrec-train's run folders (resolved config, checkpoints, metrics.json,
                              test_per_user.parquet)
@@ -30,6 +31,7 @@ import logging
 import platform
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -59,8 +61,8 @@ from towerrec.evaluation.report import (
     pooled_per_user,
     read_baseline_per_user,
 )
+from towerrec.evaluation.results import ModelResult, Results
 from towerrec.evaluation.stats import ALPHA, N_FLIPS
-from towerrec.fileio import json_safe, write_json
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +185,9 @@ def run_baselines(cfg: DictConfig, train_cfg: DictConfig, out: Path, ks: list[in
 
 
 def compare_models(
-    models: dict[str, dict], per_user: dict[str, pd.DataFrame], metric: str, slices: list[str]
+    models: dict[str, ModelResult], per_user: dict[str, pd.DataFrame], metric: str, slices: list[str]
 ) -> dict | None:
-    """Pair every model with the best baseline by ``metric`` of ``all``; sets ``models[name]["vs_best"]``.
+    """Pair every model with the best baseline by ``metric`` of ``all``; sets ``details["vs_best"]``.
 
     Returns:
         What the header says about the tests (the baseline, metric, flips, level), or None without a
@@ -195,20 +197,33 @@ def compare_models(
     if best is None or best not in per_user:
         return None
     for name, slices_diff in compare_to_baseline(per_user, best, metric, slices, n_flips=N_FLIPS).items():
-        models[name]["vs_best"] = slices_diff
+        models[name].details["vs_best"] = slices_diff
     return {"baseline": best, "metric": metric, "flips": N_FLIPS, "alpha": ALPHA}
 
 
-def reproduce(cfg: DictConfig) -> dict:
-    """Prepare, score the baselines, train experiments x seeds, write ``reproduce.md`` and ``reproduce.json``.
+@dataclass
+class Plan:
+    """What :func:`validate` settles before anything runs: the cut-offs, the output folder and every
+    (experiment, seed) train config, with the commit and the command line for the header."""
 
-    Returns:
-        The contents of ``reproduce.json``: ``{"header": {...}, "models": {name: {"kind", "metrics", ...}}}``.
-    """
-    from towerrec.commands.train import train  # here, so that reading results back does not load Lightning
+    ks: list[int]
+    out: Path
+    runs: list[tuple[str, int, DictConfig]]
+    git: dict
+    command: str | None
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
 
-    t0 = time.perf_counter()
-    git, command = git_state(), _command()
+    @property
+    def first(self) -> DictConfig:
+        """The first run's config: its data and DataModule are every run's (checked by :func:`validate`)."""
+        return self.runs[0][2]
+
+
+def validate(cfg: DictConfig) -> Plan:
+    """Check the options and compose every run: a typo or a mix of data sets fails now, not after an hour
+    of training."""
+    started = time.perf_counter()
     ks = sorted(int(k) for k in cfg.ks)
     if not cfg.experiments or not cfg.seeds:
         raise ValueError("experiments and seeds must each name at least one entry")
@@ -216,101 +231,116 @@ def reproduce(cfg: DictConfig) -> dict:
         raise ValueError(f"k={cfg.k} must be one of ks={ks}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    # Compose every run first: a typo or a mix of data sets fails now, not after an hour of training.
     runs = compose_runs(cfg, out, ks)
     hashes = {name: config_hash(run_cfg.data) for name, _, run_cfg in runs}
     if len(set(hashes.values())) > 1:
         raise ValueError(f"the experiments must share one data config, got config hashes {hashes}")
-    first = runs[0][2]
-    timings: dict[str, float] = {}
+    return Plan(ks, out, runs, git_state(), _command(), started)
 
+
+def prepare(plan: Plan) -> dict:
+    """Prepare the runs' data (every fold's folder for a rolling backtest); return its manifest (pooled
+    over the folds for a backtest: the table is pooled over (fold, user) pairs)."""
     t = time.perf_counter()
-    if is_rolling(first.data):  # a backtest: every fold's folder; the table is pooled over (fold, user) pairs
+    first = plan.first
+    if is_rolling(first.data):
         manifest = pooled_manifest(prepare_folds(first.data, workers=first.workers))
     else:
         ensure_prepared(first.data, workers=first.workers)
         manifest = read_manifest(first.data.processed_dir)
-    timings["prepare"] = time.perf_counter() - t
+    plan.timings["prepare"] = time.perf_counter() - t
+    return manifest
 
-    baselines: dict[str, Slices] = {}
-    if cfg.baselines:
-        t = time.perf_counter()
-        baselines = run_baselines(cfg, first, out / "baselines", ks)
-        timings["baselines"] = time.perf_counter() - t
+
+def score_baselines(cfg: DictConfig, plan: Plan) -> dict[str, Slices]:
+    """``towerrec-eval`` of ``cfg.baselines`` on the test split, into ``<out>/baselines`` (none: {})."""
+    if not cfg.baselines:
+        return {}
+    t = time.perf_counter()
+    baselines = run_baselines(cfg, plan.first, plan.out / "baselines", plan.ks)
+    plan.timings["baselines"] = time.perf_counter() - t
+    return baselines
+
+
+def train_all(cfg: DictConfig, plan: Plan, manifest: dict) -> dict[str, list[dict]]:
+    """Train every (experiment, seed) through ``towerrec-train``; each run's seed, folder, seconds, val and
+    test slices, by experiment. Warns after the first run when the whole would exceed the budget."""
+    from towerrec.commands.train import train  # here, so that reading results back does not load Lightning
 
     trained: dict[str, list[dict]] = {}
-    for i, (name, seed, run_cfg) in enumerate(runs):
-        log.info("training %s, seed %d (run %d of %d)", name, seed, i + 1, len(runs))
+    for i, (name, seed, run_cfg) in enumerate(plan.runs):
+        log.info("training %s, seed %d (run %d of %d)", name, seed, i + 1, len(plan.runs))
         t = time.perf_counter()
-        metrics = train(run_cfg)
+        results = train(run_cfg)
         seconds = time.perf_counter() - t
-        if metrics["data"]["config_hash"] != manifest["config_hash"]:
-            raise RuntimeError(
-                f"{name} seed {seed} trained on other data than the table's: {metrics['data']}"
-            )
-        run = {
-            "seed": seed,
-            "dir": str(Path(run_cfg.paths.output_dir).relative_to(out)),
-            "seconds": round(seconds, 1),
-            "val": metrics["val"],
-            "test": metrics["test"],
-        }
+        if results.data["config_hash"] != manifest["config_hash"]:
+            raise RuntimeError(f"{name} seed {seed} trained on other data than the table's: {results.data}")
+        run_dir = str(Path(run_cfg.paths.output_dir).relative_to(plan.out))
+        run = {"seed": seed, "dir": run_dir, "seconds": round(seconds, 1), "val": results.val, "test": results.scores()}
         trained.setdefault(name, []).append(run)
-        if i == 0 and time.perf_counter() - t0 + seconds * (len(runs) - 1) > 60 * cfg.budget_minutes:
+        elapsed = time.perf_counter() - plan.started
+        if i == 0 and elapsed + seconds * (len(plan.runs) - 1) > 60 * cfg.budget_minutes:
             log.warning(
                 "at %.0f s per run, %d runs exceed the %d min budget: shorten the schedule (train_overrides) "
                 "or set run_max_time",
                 seconds,
-                len(runs),
+                len(plan.runs),
                 cfg.budget_minutes,
             )
         gc.collect()  # one model at a time in memory
-    timings["training"] = sum(r["seconds"] for rs in trained.values() for r in rs)
+    plan.timings["training"] = sum(r["seconds"] for rs in trained.values() for r in rs)
+    return trained
 
-    models: dict[str, dict] = {}
-    per_user: dict[str, pd.DataFrame] = {}  # each model's per-user test metrics, trained ones over seeds
+
+def aggregate(
+    cfg: DictConfig, plan: Plan, trained: dict[str, list[dict]], baselines: dict[str, Slices]
+) -> tuple[dict[str, ModelResult], dict[str, pd.DataFrame], dict | None]:
+    """Every model's table entry: trained models as mean and std over seeds with intervals over users
+    (each user's values averaged over the seeds first), baselines as scored; then the paired tests
+    against the best baseline.
+
+    Returns:
+        The models, each model's per-user test table (a trained one's over seeds), and what the header
+        says about the paired tests (None without a baseline).
+    """
+    models: dict[str, ModelResult] = {}
+    per_user: dict[str, pd.DataFrame] = {}
     for name, rs in trained.items():
         mean, std = mean_std([r.pop("test") for r in rs])
-        frames = [out / r["dir"] / per_user_name("test") for r in rs]
+        frames = [plan.out / r["dir"] / per_user_name("test") for r in rs]
         interval = {}
         if all(f.is_file() for f in frames):
             tables = [pd.read_parquet(f) for f in frames]
-            interval = pooled_intervals(tables, ks)
+            interval = pooled_intervals(tables, plan.ks)
             per_user[name] = pooled_per_user(tables)
-        overrides = run_overrides(name, cfg.variants)
-        seeds = [r["seed"] for r in rs]
-        models[name] = {
-            "kind": "trained",
-            "overrides": overrides,
-            "seeds": seeds,
-            "metrics": mean,
-            "std": std,
-            "interval": interval,
-            "runs": rs,
-        }
+        details = {"overrides": run_overrides(name, cfg.variants), "seeds": [r["seed"] for r in rs], "runs": rs}
+        models[name] = ModelResult("trained", mean, std, interval, details)
     for name, slices in baselines.items():
-        models.setdefault(name, {"kind": "baseline", "metrics": slices, "interval": interval_pairs(slices)})
-        per_user.setdefault(name, read_baseline_per_user(out / "baselines", name))
+        models.setdefault(name, ModelResult("baseline", slices, interval=interval_pairs(slices)))
+        per_user.setdefault(name, read_baseline_per_user(plan.out / "baselines", name))
     comparison = compare_models(models, per_user, f"recall@{cfg.k}", list(cfg.slices))
+    return models, per_user, comparison
 
-    wall = time.perf_counter() - t0
+
+def make_header(cfg: DictConfig, plan: Plan, manifest: dict, models: dict[str, ModelResult], comparison: dict | None) -> dict:
+    """The header of the table: data fingerprint, commit, wall time and steps, split, seeds, experiments."""
+    wall = time.perf_counter() - plan.started
     if wall > 60 * cfg.budget_minutes:
         log.warning("the reproduction took %s, over the %d min budget", duration(wall), cfg.budget_minutes)
-    header = {
+    return {
         "data": data_fingerprint(manifest),
-        "git": git,
+        "git": plan.git,
         "wall_seconds": round(wall, 1),
         "budget_minutes": cfg.budget_minutes,
-        "timings_seconds": {key: round(value, 1) for key, value in timings.items()},
+        "timings_seconds": {key: round(value, 1) for key, value in plan.timings.items()},
         "split": {"name": "test", **manifest["split"]},
         "seeds": [int(s) for s in cfg.seeds],
         "k": cfg.k,
-        "ks": ks,
-        "experiments": {name: m["overrides"] for name, m in models.items() if m["kind"] == "trained"},
+        "ks": plan.ks,
+        "experiments": {name: m.details["overrides"] for name, m in models.items() if m.role == "trained"},
         "comparison": comparison,
         "train_overrides": list(cfg.train_overrides),
-        "command": command,
+        "command": plan.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": {
             "python": platform.python_version(),
@@ -319,16 +349,42 @@ def reproduce(cfg: DictConfig) -> dict:
             "machine": platform.machine(),
         },
     }
-    result = json_safe({"header": header, "models": models})
-    write_json(out / "reproduce.json", result)
+
+
+def render(record: Results, per_user: dict[str, pd.DataFrame], slices: list[str], out: Path) -> str:
+    """Write ``reproduce.json`` (the record) and ``reproduce.md`` (the header, the table and, for a
+    rolling backtest, Recall@k per fold); return the markdown."""
+    header = record.header
+    record.write(out / "reproduce.json")
+    comparison = header["comparison"]
     vs = comparison["baseline"] if comparison else None
-    text = f"{format_header(header)}\n\n{format_reproduce_table(models, list(cfg.slices), cfg.k, vs)}\n"
-    if manifest["split"]["method"] == "rolling":
-        folds = format_fold_table(per_user, f"recall@{cfg.k}", manifest["split"])
-        text += f"\n## Per fold: Recall@{cfg.k} of `all` (evaluated users)\n\n{folds}\n"
+    text = f"{format_header(header)}\n\n{format_reproduce_table(record.models, slices, header['k'], vs)}\n"
+    if header["split"]["method"] == "rolling":
+        folds = format_fold_table(per_user, f"recall@{header['k']}", header["split"])
+        text += f"\n## Per fold: Recall@{header['k']} of `all` (evaluated users)\n\n{folds}\n"
     (out / "reproduce.md").write_text(text)
-    print(f"\n{text}\nwritten: {out / 'reproduce.md'}, {out / 'reproduce.json'}")
-    return result
+    return text
+
+
+def reproduce(cfg: DictConfig) -> Results:
+    """Validate, prepare, score the baselines, train experiments x seeds, aggregate, and render
+    ``reproduce.md`` and ``reproduce.json``.
+
+    Returns:
+        The ``reproduce`` record written to ``reproduce.json``: the header, and per model its slices
+        (mean over seeds), std, intervals and details.
+    """
+    plan = validate(cfg)
+    manifest = prepare(plan)
+    baselines = score_baselines(cfg, plan)
+    trained = train_all(cfg, plan, manifest)
+    models, per_user, comparison = aggregate(cfg, plan, trained, baselines)
+    header = make_header(cfg, plan, manifest, models, comparison)
+    data = {"name": manifest["name"], "config_hash": manifest["config_hash"], "split": manifest["split"]}
+    record = Results("reproduce", "test", data, models, header=header)
+    text = render(record, per_user, list(cfg.slices), plan.out)
+    print(f"\n{text}\nwritten: {plan.out / 'reproduce.md'}, {plan.out / 'reproduce.json'}")
+    return record
 
 
 main = hydra_cli("reproduce", reproduce, (DataError,))

@@ -12,14 +12,8 @@ import os
 import sys
 
 from towerrec.retrieval import ExportError, load_export
-from towerrec.serve.app import (
-    AUDIENCE_TOKEN_ENV,
-    SETTINGS_ENV,
-    TOKEN_ENV,
-    ServeSettings,
-    create_app,
-    settings_env,
-)
+from towerrec.serve.app import create_app
+from towerrec.serve.options import AUDIENCE_TOKEN_ENV, SETTINGS_ENV, TOKEN_ENV, ServeSettings, settings_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,9 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audience-token", default=os.environ.get(AUDIENCE_TOKEN_ENV),
                    help=f"enables POST /v1/audience, which returns customer lists (default: ${AUDIENCE_TOKEN_ENV}; unset: off)")  # fmt: skip
     p.add_argument("--max-k", type=int, default=100, help="largest k a query may ask for (default 100)")
-    p.add_argument("--max-batch", type=int, default=100, help="most queries per batch request (default 100)")
+    p.add_argument("--max-audience-k", type=int, default=10_000,
+                   help="largest k (customers per campaign) of POST /v1/audience (default 10000)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=100,
+                   help="most queries per batch request, campaigns per audience request (default 100)")  # fmt: skip
     p.add_argument(
-        "--max-items", type=int, default=500, help="most ids in one history or exclude list (default 500)"
+        "--max-items", type=int, default=500, help="most ids in one history, exclude or campaign items list (default 500)"
     )
     p.add_argument(
         "--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)"
@@ -54,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--workers N: seconds a worker may take to load and verify the export (default 600)")  # fmt: skip
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     args = p.parse_args(argv)
-    for name in ("workers", "threads", "max_k", "max_batch", "max_items", "max_body_bytes"):
+    for name in ("workers", "threads", "max_k", "max_audience_k", "max_batch", "max_items", "max_body_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -74,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         admin_token=args.admin_token or None,
         workers=args.workers,
         audience_token=args.audience_token or None,
+        max_audience_k=args.max_audience_k,
     )
     try:
         # Verified before uvicorn binds the port: a tampered or incomplete export never serves.

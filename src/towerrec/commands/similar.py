@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
             query = {"item_id": q.item_id, "title": q.title, "image": q.image, "is_cold": q.is_cold}
             query_ids = [args.item]
         else:
-            hits = index.recommender(args.checkpoint).recommend(
+            from towerrec.retrieval.recommend import Recommender  # the model code: history queries only
+
+            hits = Recommender(index, args.checkpoint).recommend(
                 args.history, k=args.k, exclude=args.exclude, exclude_history=not args.keep_history
             )
             query = {"history": args.history}

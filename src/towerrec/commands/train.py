@@ -1,5 +1,9 @@
 """``towerrec-train``: instantiate -> fit -> test the best checkpoint -> ``metrics.json``.
 
+``metrics.json`` is a :class:`~towerrec.evaluation.results.Results` record of kind ``train``: the
+test slices of ``two_tower``, the best validation value (``val``) and the run (``best_checkpoint``,
+``best_epoch``, ``seed``, and ``refit`` for a refit run).
+
 The run folder also gets ``test_per_user.parquet``: each test user's metrics in the item slices.
 With ``refit=true`` the run first selects the number of epochs on validation (in ``<out>/select``),
 then trains again on training + validation for that many epochs and tests those final weights.
@@ -24,7 +28,7 @@ from towerrec.data.datamodule import SequenceDataModule
 from towerrec.data.schema import DataError
 from towerrec.evaluation.evaluator import format_table, score_split
 from towerrec.evaluation.per_user import per_user_name, write_per_user
-from towerrec.fileio import write_json
+from towerrec.evaluation.results import TRAINED, Results, single
 from towerrec.models.checkpoint import CheckpointError, load_trained, read_checkpoint
 from towerrec.models.two_tower import TwoTowerModule
 
@@ -58,8 +62,11 @@ def test_checkpoint(
     return score_split(topk, s, dm.item_features, ks)
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig) -> Results | None:
     """Train, test the checkpoint with the best validation metric, write ``metrics.json``.
+
+    Returns:
+        The record written (None on a non-zero rank of a multi-process run).
 
     With ``data.split.method=rolling`` every fold is trained and tested in ``<out>/fold<f>`` and the
     pooled result written in ``<out>`` (:func:`towerrec.backtest.train_folds`). With ``refit=true``,
@@ -76,7 +83,7 @@ def train(cfg: DictConfig) -> dict:
 _SELECTION_CALLBACKS = ("lightning.pytorch.callbacks.ModelCheckpoint", "lightning.pytorch.callbacks.EarlyStopping")
 
 
-def refit(cfg: DictConfig) -> dict:
+def refit(cfg: DictConfig) -> Results | None:
     """Select the number of epochs on validation, then retrain on training + validation and test.
 
     1. ``<out>/select``: an ordinary run (early stopping and checkpoint selection on validation);
@@ -86,8 +93,8 @@ def refit(cfg: DictConfig) -> dict:
        (``checkpoints/final.ckpt``) are tested on the test split.
 
     The model then trains up to the test window, as the baselines' histories and counts already do.
-    ``metrics.json`` has the refit run's ``test``, the selection run's ``val``, and ``refit``: the
-    epochs, and the selection run's folder and test figures (the same split: paired comparisons of
+    ``metrics.json`` has the refit run's test slices, the selection run's ``val``, and ``run["refit"]``:
+    the epochs, and the selection run's folder and test figures (the same split: paired comparisons of
     the two are ``towerrec-compare <out>/select <out>``).
     """
     if not any((c or {}).get("_target_") == _SELECTION_CALLBACKS[0] for c in cfg.callbacks.values()):
@@ -98,9 +105,9 @@ def refit(cfg: DictConfig) -> dict:
         select_cfg.refit = False
         select_cfg.paths.output_dir = str(out / "select")
     selected = fit_and_test(select_cfg)
-    if not selected:  # a non-zero rank of a multi-process run
-        return {}
-    epochs = int(selected["best_epoch"]) + 1
+    if selected is None:  # a non-zero rank of a multi-process run
+        return None
+    epochs = int(selected.run["best_epoch"]) + 1
     refit_cfg = cfg.copy()
     with open_dict(refit_cfg):
         refit_cfg.refit = False
@@ -113,16 +120,17 @@ def refit(cfg: DictConfig) -> dict:
         refit_cfg.callbacks = {k: c for k, c in cfg.callbacks.items() if c.get("_target_") not in _SELECTION_CALLBACKS}
     log.info("refit: training on train + val for %d epochs (selected on validation in %s)", epochs, out / "select")
     metrics = fit_and_test(refit_cfg)
-    if not metrics:
-        return {}
-    metrics["val"] = selected["val"]
-    metrics["refit"] = {"epochs": epochs, "selected": {"dir": "select", "best_checkpoint": selected["best_checkpoint"], "test": selected["test"]}}
-    write_json(out / "metrics.json", metrics)
+    if metrics is None:
+        return None
+    metrics.val = selected.val
+    chosen = {"dir": "select", "best_checkpoint": selected.run["best_checkpoint"], "test": selected.scores()}
+    metrics.run["refit"] = {"epochs": epochs, "selected": chosen}
+    metrics.write(out / "metrics.json")
     print(f"refit on train + val for {epochs} epochs, the best validation epoch count of {out / 'select'}")
     return metrics
 
 
-def fit_and_test(cfg: DictConfig) -> dict:
+def fit_and_test(cfg: DictConfig) -> Results | None:
     """One run: fit (selecting the checkpoint on validation), test it, write ``metrics.json``."""
     if cfg.ckpt_path is not None:
         read_checkpoint(cfg.ckpt_path)  # refuses a file holding pickled objects in one line, before Lightning reads it
@@ -149,23 +157,23 @@ def fit_and_test(cfg: DictConfig) -> dict:
         best = str(out / "checkpoints" / "final.ckpt")
         trainer.save_checkpoint(best)  # (every rank takes part)
     if trainer.global_rank != 0:  # rank 0 tests the whole split in one process
-        return {}
+        return None
 
     ks = sorted(int(k) for k in cfg.model.ks)
     test, per_user = test_checkpoint(best, dm, "test", ks, trainer.strategy.root_device)
     val_best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
-    metrics = {
-        "test": test,
-        "val": {"best_" + ckpt.monitor.replace("val/", ""): val_best} if ckpt is not None else {},
+    data = {"name": cfg.data.name, "split": dm.manifest["split"], "config_hash": dm.manifest["config_hash"]}
+    run = {
         "best_checkpoint": best,
         # 0-based: the selected model trained best_epoch + 1 epochs (None without a checkpoint callback)
         "best_epoch": int(read_checkpoint(best)["epoch"]) if ckpt is not None else None,
         "seed": cfg.seed,
-        "data": {"name": cfg.data.name, "split": dm.manifest["split"], "config_hash": dm.manifest["config_hash"]},
     }
-    write_json(out / "metrics.json", metrics)
+    val = {"best_" + ckpt.monitor.replace("val/", ""): val_best} if ckpt is not None else {}
+    metrics = single("train", "test", data, TRAINED, test, val=val, run=run)
+    metrics.write(out / "metrics.json")
     # Each user's values: intervals pooled over seeds (towerrec-reproduce), paired tests (towerrec-compare).
-    write_per_user(per_user, out / per_user_name("test"), "two_tower", "test", metrics["data"])
+    write_per_user(per_user, out / per_user_name("test"), TRAINED, "test", data)
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
     slices = {s: test[s] for s in cfg.print_slices if s in test}
     print(f"\nbest val {ckpt.monitor}: {val_best}  checkpoint: {best}" if ckpt else f"\nfinal weights: {best}")
@@ -176,7 +184,8 @@ def fit_and_test(cfg: DictConfig) -> dict:
 
 def objective(cfg: DictConfig) -> float | None:
     """Train; return the best validation metric, the value the optuna sweeper maximises."""
-    return next(iter(train(cfg).get("val", {}).values()), None)
+    results = train(cfg)
+    return next(iter(results.val.values()), None) if results is not None else None
 
 
 main = hydra_cli("train", objective, (DataError, CheckpointError))  # the user's own mistakes: one line

@@ -429,28 +429,94 @@ class TwoTowerAudience(AudienceScorer):
         return self.item_vecs[item_rows] @ self.users.T
 
 
-# ----------------------------------------------------------------------------- the task of towerrec-eval
-def evaluate_audience(cfg) -> dict[str, dict[str, dict[str, float]]]:
-    """``towerrec-eval task=audience``: the model (``ckpt_path``) and the baselines of ``cfg.task``
-    on the audience task of ``cfg.split``; writes ``audience.json``, ``audience.md``, each scorer's
-    ``<name>/audience_per_item.parquet`` and ``audience_paired.csv`` into ``cfg.out_dir``.
+class BlendAudience(AudienceScorer):
+    """A weighted average of other scorers' per-item rank percentiles: ``sum_j w_j * pct_j``.
+
+    Each member's scores for an item become the customers' rank percentiles (average ranks for ties,
+    in (0, 1]), so scales do not matter and a member's ties stay ties. The members are fitted scorers
+    of the same task; :func:`choose_blend` picks the weights on the validation window.
+    """
+
+    name = "blend"
+
+    def __init__(self, members: dict[str, AudienceScorer], weights: dict[str, float]) -> None:
+        self.members = members
+        self.weights = {n: float(w) for n, w in weights.items() if w}
+        if not self.weights:
+            raise ValueError("task.blend: every weight is 0")
+
+    def fit(self, task, dm):  # the members are fitted on the same task by the caller
+        return super().fit(task, dm)
+
+    def score(self, item_rows):
+        from scipy.stats import rankdata
+
+        total = np.zeros((len(item_rows), len(self.task.customers)))
+        for name, w in self.weights.items():
+            scores = np.asarray(self.members[name].score(item_rows), dtype=np.float64)
+            total += w * rankdata(scores, axis=1, method="average") / scores.shape[1]
+        return total
+
+
+def simplex_grid(names: list[str], step: float) -> list[dict[str, float]]:
+    """Every weighting of ``names`` on a grid of ``step`` whose weights sum to 1."""
+    n = round(1 / step)
+    if not math.isclose(n * step, 1.0) or n < 1:
+        raise ValueError(f"task.blend.step must divide 1, got {step}")
+
+    def parts(k: int, total: int):
+        if k == 1:
+            yield (total,)
+            return
+        for first in range(total, -1, -1):
+            for rest in parts(k - 1, total - first):
+                yield (first, *rest)
+
+    return [{m: c / n for m, c in zip(names, combo, strict=True)} for combo in parts(len(names), n)]
+
+
+def choose_blend(
+    members: dict[str, AudienceScorer], task: AudienceTask, dm, step: float, cut: str, seed: int = 0
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """The blend weights with the highest mean ``recall@<cut>`` on ``task`` (the validation window);
+    ties go to the earlier grid point, which weighs the first member (the model) most.
 
     Returns:
-        ``{scorer: {slice: {"items": n, metric@K: mean}}}``.
+        The weights and a frame of every grid point's validation recall.
     """
-    from pathlib import Path
+    for scorer in members.values():
+        scorer.fit(task, dm)
+    cuts = _cut(cut, len(task.customers))
+    n_ranked = _n_ranked(task)
+    rows = []
+    for weights in simplex_grid(list(members), step):
+        blend = BlendAudience(members, weights).fit(task, dm)
+        ranked = rank_customers(blend, task, max(cuts.values()), seed=seed)
+        recall = audience_metrics(ranked, task.buyers, n_ranked, cuts)[f"recall@{cut}"]
+        rows.append({**weights, f"val recall@{cut}": float(np.mean(recall))})
+    grid = pd.DataFrame(rows)
+    best = grid.iloc[int(grid[f"val recall@{cut}"].to_numpy().argmax())]
+    return {m: float(best[m]) for m in members}, grid
 
+
+def _cut(label: str, n_customers: int) -> dict[str, int]:
+    """``{label: K}`` for one cut-off label (``"100"`` or ``"5%"``)."""
+    if label.endswith("%"):
+        return cutoffs(n_customers, [], [float(label[:-1]) / 100])
+    return cutoffs(n_customers, [int(label)], [])
+
+
+def _n_ranked(task: AudienceTask) -> np.ndarray:
+    """Customers ranked per item: all, less the item's past buyers when they are left out."""
+    return np.array([len(task.customers) - (len(p) if task.exclude_buyers else 0) for p in task.past])
+
+
+# ----------------------------------------------------------------------------- the task of towerrec-eval
+def _audience_scorers(cfg) -> tuple[dict[str, AudienceScorer], object]:
+    """The scorers of ``towerrec-eval task=audience`` (the checkpoint's model, ``cfg.task.baselines``) and
+    the DataModule they score (the checkpoint's, else ``cfg.datamodule`` over the prepared data)."""
     from hydra.utils import instantiate
 
-    from towerrec.fileio import write_json
-
-    t = cfg.task
-    if cfg.data.get("split", {}).get("method") == "rolling" and cfg.data.split.get("fold") is None:
-        raise ValueError(
-            "task=audience runs on one split: pick a fold (data.split.fold=N) or a temporal data config"
-        )
-    if cfg.split not in ("val", "test"):
-        raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
     scorers: dict[str, AudienceScorer] = {}
     if cfg.ckpt_path is not None:
         from towerrec.models.checkpoint import load_trained
@@ -463,33 +529,43 @@ def evaluate_audience(cfg) -> dict[str, dict[str, dict[str, float]]]:
         ensure_prepared(cfg.data, workers=cfg.workers)
         dm = instantiate(cfg.datamodule)
         dm.setup()
-    for name, sub in (t.get("baselines") or {}).items():
+    for name, sub in (cfg.task.get("baselines") or {}).items():
         scorers[name] = instantiate(sub)
     if not scorers:
         raise ValueError("task=audience: nothing to evaluate (no ckpt_path and no task.baselines)")
+    return scorers, dm
+
+
+def audience_frames(cfg) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Rank the customers of ``cfg.split``'s audience task with the model (``ckpt_path``), the
+    baselines of ``cfg.task`` and, when ``task.blend`` names members, their blend with the model.
+
+    Returns:
+        Each scorer's per-item frame (the same items in the same order) and the run's metadata.
+    """
+    t = cfg.task
+    if cfg.data.get("split", {}).get("method") == "rolling" and cfg.data.split.get("fold") is None:
+        raise ValueError("audience_frames runs on one split: pick a fold (data.split.fold=N)")
+    if cfg.split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
+    scorers, dm = _audience_scorers(cfg)
     task = audience_task(dm, cfg.split, int(t.min_buyers), bool(t.exclude_buyers))
     if len(task) == 0:
         raise ValueError(
             f"no item was bought by {t.min_buyers}+ customers in the {cfg.split} window: lower task.min_buyers"
         )
+    meta: dict = {}
+    blend = t.get("blend") or {}
+    if blend.get("members") and "two_tower" in scorers:
+        scorers["blend"], meta["blend"] = _fit_blend(cfg, dm, scorers)
     cuts = cutoffs(len(task.customers), list(t.ks), list(t.shares))
-    n_ranked = np.array([len(task.customers) - (len(p) if task.exclude_buyers else 0) for p in task.past])
-    frames, results = {}, {}
-    for name, scorer in scorers.items():
+    n_ranked = _n_ranked(task)
+    frames = {}
+    for name, scorer in scorers.items():  # the blend comes last: its members are fitted on this task by then
         log.info("audience: ranking %d customers for %d items with %s", len(task.customers), len(task), name)
         scorer.fit(task, dm)
         ranked = rank_customers(scorer, task, max(cuts.values()), seed=int(t.seed))
         frames[name] = per_item_frame(task, audience_metrics(ranked, task.buyers, n_ranked, cuts))
-        results[name] = summarize(frames[name])
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, frame in frames.items():
-        (out / name).mkdir(exist_ok=True)
-        frame.to_parquet(out / name / "audience_per_item.parquet", index=False)
-    reference = "two_tower" if "two_tower" in frames else next(iter(frames))
-    shown = [f"{m}@{label}" for label in t.print_cuts for m in ("precision", "recall")]
-    paired = paired_tests(frames, reference, shown, seed=int(t.seed)) if len(frames) > 1 else pd.DataFrame()
-    paired.to_csv(out / "audience_paired.csv", index=False)
     meta = {
         "split": cfg.split,
         "data": {"name": dm.manifest["name"], "config_hash": dm.manifest["config_hash"]},
@@ -500,21 +576,82 @@ def evaluate_audience(cfg) -> dict[str, dict[str, dict[str, float]]]:
         "min_buyers": int(t.min_buyers),
         "exclude_buyers": bool(t.exclude_buyers),
         "cutoffs": cuts,
+        **meta,
     }
+    return frames, meta
+
+
+def _fit_blend(cfg, dm, scorers: dict[str, AudienceScorer]) -> tuple[BlendAudience, dict]:
+    """The model blended with ``task.blend.members``, weighted as chosen on the validation window."""
+    t = cfg.task
+    members = list(t.blend.members)
+    unknown = [m for m in members if m not in scorers or m == "two_tower"]
+    if unknown:
+        raise ValueError(f"task.blend.members {unknown} are not baselines of task.baselines ({list(scorers)[1:]})")
+    if cfg.split != "test":
+        raise ValueError("task.blend chooses its weights on the validation window: use it with split=test")
+    val = audience_task(dm, "val", int(t.min_buyers), bool(t.exclude_buyers))
+    if len(val) == 0:
+        raise ValueError(f"task.blend: no item was bought by {t.min_buyers}+ customers in the val window")
+    chosen = {"two_tower": scorers["two_tower"], **{m: scorers[m] for m in members}}
+    weights, grid = choose_blend(chosen, val, dm, float(t.blend.step), str(t.blend.cut), int(t.seed))
+    log.info("audience blend: weights %s chosen on %d validation items", weights, len(val))
+    info = {"weights": weights, "chosen_on": f"val, {len(val)} items, recall@{t.blend.cut}",
+            "val_grid": grid.to_dict("records")}
+    return BlendAudience(chosen, weights), info
+
+
+def write_audience(out, frames: dict[str, pd.DataFrame], meta: dict, t, title: str) -> dict:
+    """Write ``audience.json``, ``audience.md``, ``audience_paired.csv`` and each scorer's
+    ``<name>/audience_per_item.parquet`` into ``out``; print the table.
+
+    Returns:
+        ``{scorer: {slice: {"items": n, metric@K: mean}}}``.
+    """
+    from pathlib import Path
+
+    from towerrec.fileio import write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {name: summarize(frame) for name, frame in frames.items()}
+    for name, frame in frames.items():
+        (out / name).mkdir(exist_ok=True)
+        frame.to_parquet(out / name / "audience_per_item.parquet", index=False)
+    reference = "two_tower" if "two_tower" in frames else next(iter(frames))
+    shown = [f"{m}@{label}" for label in t.print_cuts for m in ("precision", "recall")]
+    paired = paired_tests(frames, reference, shown, seed=int(t.seed)) if len(frames) > 1 else pd.DataFrame()
+    paired.to_csv(out / "audience_paired.csv", index=False)
     write_json(out / "audience.json", {"models": results, "paired": paired.to_dict("records"), **meta})
-    title = (
-        f"{meta['data']['name']}, {cfg.split} window: {meta['items']} items ({meta['cold_items']} cold) bought by "
-        f"{t.min_buyers}+ customers, {meta['customers']} customers ranked per item"
-    )
     table = format_audience_table(results, shown)
     p_cols = ["a", "b", "slice", "metric", "items", "mean_diff", "lo", "hi", "p_value", "verdict"]
     p_table = (
         markdown_table(paired.rename(columns={"users": "items"})[p_cols]) if len(paired) else "(one scorer)"
     )
+    blend = f"\nblend weights (chosen on {meta['blend']['chosen_on']}): {meta['blend']['weights']}\n" if "blend" in meta else ""
     (out / "audience.md").write_text(
-        f"# {title}\n\nK: {cuts}\n\n{table}\n\n## Paired over items\n\n{p_table}\n"
+        f"# {title}\n\nK: {meta['cutoffs']}\n{blend}\n{table}\n\n## Paired over items\n\n{p_table}\n"
     )
     print(
-        f"{title}\nK: {cuts}\n{table}\n\npaired over items ({reference} - other):\n{p_table}\nmetrics: {out / 'audience.json'}"
+        f"{title}\nK: {meta['cutoffs']}{blend}\n{table}\n\npaired over items ({reference} - other):\n{p_table}\n"
+        f"metrics: {out / 'audience.json'}"
     )
     return results
+
+
+def evaluate_audience(cfg) -> dict[str, dict[str, dict[str, float]]]:
+    """``towerrec-eval task=audience`` on one split (a temporal config, or one fold of a rolling one):
+    the model (``ckpt_path``), the baselines of ``cfg.task`` and their blend, written into ``cfg.out_dir``
+    by :func:`write_audience`. A whole rolling backtest goes through
+    :func:`towerrec.backtest.audience_folds`.
+
+    Returns:
+        ``{scorer: {slice: {"items": n, metric@K: mean}}}``.
+    """
+    frames, meta = audience_frames(cfg)
+    t = cfg.task
+    title = (
+        f"{meta['data']['name']}, {cfg.split} window: {meta['items']} items ({meta['cold_items']} cold) bought by "
+        f"{t.min_buyers}+ customers, {meta['customers']} customers ranked per item"
+    )
+    return write_audience(cfg.out_dir, frames, meta, t, title)

@@ -8,7 +8,7 @@ file of a rolling backtest also has a ``fold`` column, and a user is identified 
 
 What identifies the evaluation (the scorer's name, the split and the processed data's name and config
 hash) travels in the parquet file's metadata; a file without it is identified by the ``metrics.json``
-beside it, which both commands write.
+beside it (a :class:`~towerrec.evaluation.results.Results` record of one scorer), which both commands write.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from towerrec.evaluation.results import read_results
 
 _META_KEY = b"towerrec"
 
@@ -61,15 +63,14 @@ def _meta_from_metrics_json(path: Path) -> dict:
     metrics = path.with_name("metrics.json")
     if not metrics.is_file():
         raise ValueError(f"{path}: no towerrec metadata in the file and no metrics.json beside it")
-    try:
-        info = json.loads(metrics.read_text())
-        data = info["data"]
-        meta = {"name": data["name"], "config_hash": data["config_hash"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{metrics}: not a towerrec metrics.json (missing data.name / data.config_hash)") from err
-    split = info.get("split") or path.name.removesuffix("_per_user.parquet")
-    model = info.get("model") or ("two_tower" if "test" in info else path.parent.name)
-    return {"model": model, "split": split, "data": meta}
+    record = read_results(metrics)  # a ResultsError (a ValueError) in one line for anything else
+    if len(record.models) != 1:
+        raise ValueError(f"{metrics}: {len(record.models)} scorers in the record beside {path.name}, expected one")
+    data = record.data
+    if not isinstance(data.get("name"), str) or not isinstance(data.get("config_hash"), str):
+        raise ValueError(f"{metrics}: the record's data has no name or config_hash")
+    model = next(iter(record.models))
+    return {"model": model, "split": record.split, "data": {"name": data["name"], "config_hash": data["config_hash"]}}
 
 
 def resolve_per_user(path: str | Path, split: str = "test") -> Path:

@@ -13,7 +13,6 @@ script can read results (:func:`load_results`, public API) without the training 
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 
 from towerrec.evaluation.evaluator import frame_metrics
 from towerrec.evaluation.per_user import pair_keys, read_per_user
+from towerrec.evaluation.results import ModelResult, Results, read_results
 from towerrec.evaluation.stats import N_FLIPS, paired_difference
 from towerrec.fileio import markdown_table
 
@@ -84,13 +84,9 @@ def interval_pairs(slices: Slices) -> dict[str, dict[str, list[float]]]:
 
 
 # ----------------------------------------------------------------------------- against the best baseline
-def best_baseline(models: dict[str, dict], metric: str) -> str | None:
+def best_baseline(models: dict[str, ModelResult], metric: str) -> str | None:
     """The baseline with the highest ``metric`` in the ``all`` slice (None without baselines)."""
-    scores = {
-        name: m["metrics"].get("all", {}).get(metric)
-        for name, m in models.items()
-        if m["kind"] == "baseline"
-    }
+    scores = {name: m.metrics.get("all", {}).get(metric) for name, m in models.items() if m.role == "baseline"}
     scores = {name: v for name, v in scores.items() if v is not None and v == v}
     return max(scores, key=scores.get) if scores else None
 
@@ -153,17 +149,17 @@ def _cell(value: float | None, std: float | None) -> str | None:
     return f"{value:.4f} ± {std:.4f}"
 
 
-def format_reproduce_table(models: dict[str, dict], slices: list[str], k: int, vs: str | None = None) -> str:
+def format_reproduce_table(models: dict[str, ModelResult], slices: list[str], k: int, vs: str | None = None) -> str:
     """A markdown table: one row per (slice, model), the metrics at ``k`` and MAP@12, ``mean ± std`` where
     known, the 95% interval of Recall@k over users and, with ``vs`` (the best baseline's name), each
-    model's paired difference to it (``model["vs_best"][slice]``, see :func:`compare_to_baseline`)."""
+    model's paired difference to it (``details["vs_best"][slice]``, see :func:`compare_to_baseline`)."""
     rows = []
     for sl in slices:
         for name, model in models.items():
-            values = model["metrics"].get(sl)
+            values = model.metrics.get(sl)
             if values is None:
                 continue
-            stds = model.get("std", {}).get(sl, {})
+            stds = model.std.get(sl, {})
             users = values.get("users")
             row = {"slice": sl, "model": name, "users": None if users is None or users != users else int(users)}
             for m, label in TABLE_METRICS[:3]:
@@ -171,9 +167,9 @@ def format_reproduce_table(models: dict[str, dict], slices: list[str], k: int, v
             row[f"MAP@{MAP_K}"] = _cell(values.get(f"map@{MAP_K}"), stds.get(f"map@{MAP_K}"))
             for m, label in TABLE_METRICS[3:]:
                 row[f"{label}@{k}"] = _cell(values.get(f"{m}@{k}"), stds.get(f"{m}@{k}"))
-            row[f"Recall@{k} 95% interval"] = _interval_cell(model.get("interval", {}).get(sl, {}).get(f"recall@{k}"))
+            row[f"Recall@{k} 95% interval"] = _interval_cell(model.interval.get(sl, {}).get(f"recall@{k}"))
             if vs is not None:
-                cell = "best baseline" if name == vs else _comparison_cell(model.get("vs_best", {}).get(sl))
+                cell = "best baseline" if name == vs else _comparison_cell(model.details.get("vs_best", {}).get(sl))
                 row[f"vs {vs}: ΔRecall@{k} (p)"] = cell
             rows.append(row)
     return markdown_table(rows)
@@ -287,30 +283,23 @@ def load_results(path: str | Path) -> pd.DataFrame:
     """Every model's metrics from a towerrec-reproduce, towerrec-eval or towerrec-train output, as a long table.
 
     Args:
-        path: a results file or folder, as :func:`results_file` accepts.
+        path: a results file or folder, as :func:`results_file` accepts; the file must be a
+            :class:`~towerrec.evaluation.results.Results` record (anything else: a one-line
+            ``ResultsError`` naming it).
 
     Returns:
         Columns ``model``, ``kind`` (trained | baseline), ``slice``, ``users``, ``metric`` (recall, ndcg,
         mrr, hit, coverage, ...), ``k``, ``value`` and ``std`` (NaN for a single run).
     """
-    data = json.loads(results_file(path).read_text())
-    if "header" in data:  # towerrec-reproduce
-        models = {n: (m["kind"], m["metrics"], m.get("std", {})) for n, m in data["models"].items()}
-    elif "test" in data:  # towerrec-train
-        models = {"two_tower": ("trained", data["test"], {})}
-    else:  # towerrec-eval: several scorers, or one at the top level
-        scorers = data["models"] if "models" in data else {data["model"]: data}
-        models = {
-            n: (
-                "trained" if n == "two_tower" else "baseline",
-                {s: v for s, v in r.items() if isinstance(v, dict) and s != "data"},
-                {},
-            )
-            for n, r in scorers.items()
-        }
+    return results_table(read_results(results_file(path)))
+
+
+def results_table(record: Results) -> pd.DataFrame:
+    """A record's metrics as the long table of :func:`load_results`."""
     rows = []
-    for name, (kind, slices, stds) in models.items():
-        for sl, values in slices.items():
+    for name, model in record.models.items():
+        kind, stds = model.role, model.std
+        for sl, values in model.metrics.items():
             for key, value in values.items():
                 if "@" not in key:
                     continue

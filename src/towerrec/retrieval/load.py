@@ -1,10 +1,10 @@
-"""Load an export folder, verify it against its manifest, and answer item-to-item and history queries."""
+"""Load an export folder, verify it against its manifest, and answer item-to-item queries (history
+queries: ``Recommender(index)`` in :mod:`towerrec.retrieval.recommend`)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -21,9 +21,6 @@ from towerrec.retrieval.index import (
     select_faiss_device,
     set_params,
 )
-
-if TYPE_CHECKING:
-    from towerrec.retrieval.recommend import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,6 @@ class ItemIndex:
         self._row_of_id = {item_id: row for row, item_id in enumerate(items["item_id"].to_numpy().tolist())}
         self._row_of_idx = np.full(int(self._item_idx.max(initial=0)) + 1, -1, dtype=np.int64)
         self._row_of_idx[self._item_idx] = np.arange(len(items))
-        self._recommender = None
         self._image_cache: np.ndarray | None = None
         # Plain lists for the per-hit lookups: a pandas row lookup costs more than the search itself.
         self._item_id = items["item_id"].astype(str).tolist()
@@ -124,26 +120,6 @@ class ItemIndex:
         query = self.embedding(item_id)
         excluded = set(self.item_idx([item_id, *exclude]).tolist())
         return self.search_vector(query, k, excluded)
-
-    def recommend(self, history: list[str], *args, **kwargs) -> list[Hit]:
-        """Items for a user with this purchase ``history`` (oldest first), each with ``because``:
-        :meth:`Recommender.recommend <towerrec.retrieval.recommend.Recommender.recommend>` of this export."""
-        return self.recommender().recommend(history, *args, **kwargs)
-
-    def recommender(self, ckpt_path: str | Path | None = None) -> Recommender:
-        """The :class:`~towerrec.retrieval.recommend.Recommender` of this export, loaded once.
-
-        The user model (torch and the model code) is imported on the first history query only, so
-        item-to-item queries never load the training stack.
-
-        Args:
-            ckpt_path: the checkpoint, when it moved since export (its sha256 must still match).
-        """
-        if self._recommender is None or ckpt_path is not None:
-            from towerrec.retrieval.recommend import Recommender  # deferred: see the docstring
-
-            self._recommender = Recommender(self, ckpt_path)
-        return self._recommender
 
     # ------------------------------------------------------------------ images
     def image(self, item_id: str) -> np.ndarray | None:

@@ -419,6 +419,10 @@ def export_index(
 ) -> Path:
     """Embed the catalogue with ``ckpt_path``, build ``spec`` and write the export folder.
 
+    Long because it is the export's straight-line sequence (embed, build, tune, check, customers,
+    manifest, write) and its 13 documented arguments; it is left whole while the export's memory work
+    changes this module.
+
     Args:
         ckpt_path: a ``.ckpt`` of a :class:`TwoTowerModule`.
         spec: the index config.

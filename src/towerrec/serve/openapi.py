@@ -1,7 +1,7 @@
 """What the published OpenAPI schema states: every status code an endpoint answers, and this
-server's own limits (``--max-k``, ``--max-items``, ``--max-batch``, ``--max-body-bytes``) in place of
-the request models' static caps, so that a client generated from the schema meets no answer it was
-not told about."""
+server's own limits (``--max-k``, ``--max-audience-k``, ``--max-items``, ``--max-batch``,
+``--max-body-bytes``) in place of the request models' static caps, so that a client generated from the
+schema meets no answer it was not told about."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from towerrec.serve.schemas import Problem
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from towerrec.serve.app import ServeSettings
+    from towerrec.serve.options import ServeSettings
 
 
 def _problem(description: str) -> dict:
@@ -48,20 +48,25 @@ AUDIENCE = {
     403: _problem("the audience endpoint is off (no --audience-token)"),
     404: NOT_FOUND[404],
     409: _problem("the export holds no customer data (export it with users=true) or its customer files changed"),
-    422: _problem("an empty campaign, k beyond the customer count, a bad segment or a missing field (one line)"),
+    413: _problem("over --max-batch campaigns, a list over --max-items ids, or a body over --max-body-bytes"),
+    422: _problem(
+        "an empty campaign, k above --max-audience-k or beyond the customer count, a bad segment or a missing "
+        "field (one line)"
+    ),
 }
 
 
-def _limit_schema(schema: dict, settings: ServeSettings) -> None:
+def _limit_schema(name: str, schema: dict, settings: ServeSettings) -> None:
     """Set the bounds of the request fields (by name) that the server checks itself."""
     props = schema.get("properties", {})
     if "k" in props:
-        props["k"]["maximum"] = settings.max_k
-    for name in ("history", "exclude"):
-        if name in props:
-            props[name]["maxItems"] = settings.max_items
-    if "queries" in props:
-        props["queries"]["maxItems"] = settings.max_batch
+        props["k"]["maximum"] = settings.max_audience_k if name == "CampaignIn" else settings.max_k
+    for field in ("history", "exclude", "items"):
+        if field in props and props[field].get("type") == "array":
+            props[field]["maxItems"] = settings.max_items
+    for field in ("queries", "campaigns"):
+        if field in props:
+            props[field]["maxItems"] = settings.max_batch
 
 
 def stated_limits(app: FastAPI, settings: ServeSettings) -> Callable[[], dict]:
@@ -73,8 +78,9 @@ def stated_limits(app: FastAPI, settings: ServeSettings) -> Callable[[], dict]:
         schema = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes,
             description=(
-                f"Limits of this server: k <= {settings.max_k}, at most {settings.max_items} ids per history "
-                f"or exclude list, {settings.max_batch} queries per batch and {settings.max_body_bytes} "
+                f"Limits of this server: k <= {settings.max_k} (audiences: k <= {settings.max_audience_k}), "
+                f"at most {settings.max_items} ids per history, exclude or campaign items list, "
+                f"{settings.max_batch} queries or campaigns per batch and {settings.max_body_bytes} "
                 "bytes per request body (413 above)."
             ),
         )  # fmt: skip
@@ -83,9 +89,10 @@ def stated_limits(app: FastAPI, settings: ServeSettings) -> Callable[[], dict]:
             "max_items": settings.max_items,
             "max_batch": settings.max_batch,
             "max_body_bytes": settings.max_body_bytes,
+            "max_audience_k": settings.max_audience_k,
         }
-        for component in schema.get("components", {}).get("schemas", {}).values():
-            _limit_schema(component, settings)
+        for name, component in schema.get("components", {}).get("schemas", {}).items():
+            _limit_schema(name, component, settings)
         for path in schema["paths"].values():
             for op in path.values():
                 for param in op.get("parameters", []):

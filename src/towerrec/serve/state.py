@@ -4,16 +4,22 @@ meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 
 from towerrec.retrieval import ExportError, ItemIndex, load_export, select_faiss_device
+
+if TYPE_CHECKING:
+    from towerrec.retrieval.customers import Audiences
+    from towerrec.retrieval.recommend import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +45,56 @@ class Served:
     loaded_at: float = field(default_factory=time.time)
     # FAISS GPU indexes are not safe to search from several threads at once; CPU indexes are.
     search_lock: threading.Lock | None = None
+    threads: int = 1
     _user_lock: threading.Lock = field(default_factory=threading.Lock)
-    user_model_loaded: bool = False
+    _recommender: Recommender | None = None
+    _audiences: Audiences | None = None
+    _audience_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def searching(self) -> contextlib.AbstractContextManager:
+        """Hold this around a search: the GPU lock where there is one, else nothing."""
+        return self.search_lock if self.search_lock is not None else contextlib.nullcontext()
+
+    def audiences(self) -> Audiences:
+        """The export's customers, loaded (and verified) at the first audience request.
+
+        Raises:
+            ExportError: the export holds no customer data, or its customer files changed.
+        """
+        if self._audiences is None:
+            with self._audience_lock:
+                if self._audiences is None:
+                    from towerrec.retrieval.customers import load_audiences
+
+                    self._audiences = load_audiences(self.index)
+        return self._audiences
 
     @property
     def sha256(self) -> str:
         return str(self.index.manifest.get("manifest_sha256"))
 
-    def user_model(self, threads: int) -> None:
-        """Load the user tower of the export's checkpoint once (history queries need it)."""
-        if self.user_model_loaded:
-            return
-        with self._user_lock:
-            if not self.user_model_loaded:
-                self.index.recommender()
-                set_threads(threads)
-                self.user_model_loaded = True
+    @property
+    def user_model_loaded(self) -> bool:
+        return self._recommender is not None
+
+    def recommender(self) -> Recommender:
+        """The export's :class:`~towerrec.retrieval.recommend.Recommender`, built at the first history query.
+
+        ``recommend`` imports torch and the model code; it is imported here, where it is first needed,
+        so that a server answering item-to-item queries never loads the training stack.
+
+        Raises:
+            ExportError: the export's checkpoint is missing or changed since export.
+        """
+        if self._recommender is None:
+            with self._user_lock:
+                if self._recommender is None:
+                    from towerrec.retrieval.recommend import Recommender
+
+                    recommender = Recommender(self.index)
+                    set_threads(self.threads)
+                    self._recommender = recommender
+        return self._recommender
 
 
 class ExportHolder:
@@ -85,7 +125,8 @@ class ExportHolder:
 
     def _wrap(self, index: ItemIndex) -> Served:
         device, _ = select_faiss_device(self.gpu, faiss.get_num_gpus(), index.manifest["factory"])
-        return Served(index, device, search_lock=threading.Lock() if device == "gpu" else None)
+        lock = threading.Lock() if device == "gpu" else None
+        return Served(index, device, search_lock=lock, threads=self.threads)
 
     @property
     def current(self) -> Served:
@@ -105,7 +146,7 @@ class ExportHolder:
             try:
                 new = self._wrap(self._load())
                 if old.user_model_loaded:  # warm what was warm, before any request can see it
-                    new.user_model(self.threads)
+                    new.recommender()
             except (ExportError, ValueError, OSError) as err:
                 self.last_reload_error = str(err)
                 log.warning("reload refused, still serving %s: %s", old.sha256, err)

@@ -122,66 +122,11 @@ def load_hm(
     paths = {n: root_path / n for n in ("transactions.csv", "articles.csv", "customers.csv")}
     skipped: Counter = Counter()
     repaired: Counter = Counter()
-
-    mapping = {
-        "user_id": "customer_id",
-        "item_id": "article_id",
-        "timestamp": "t_dat",
-        "price": "price",
-        "channel": "sales_channel_id",
-    }
-
-    def convert(raw: pd.DataFrame) -> pd.DataFrame:
-        tx = canonical_interactions(raw, "transactions.csv", mapping, timestamp_format="%Y-%m-%d")
-        return drop_invalid_prices(tx, skipped, "transactions.csv")[0]
-
-    with source_engine(con) as db:
-        chunks = read_csv_chunks(paths["transactions.csv"], chunk_rows, dtype=str)
-        engine_interactions(db, chunks, convert, "hm_tx")
-        if same_day_repeats == "merge":
-            table = _merge_same_day(db, "hm_tx", repaired, "transactions.csv")
-        else:
-            db.execute("CREATE TABLE hm_tx_kept AS SELECT *, 1::BIGINT AS quantity FROM hm_tx ORDER BY row")
-            table = "hm_tx_kept"
-        db.execute("DROP TABLE hm_tx")
-        purchased = [
-            r[0]
-            for r in db.execute(f"SELECT item_id FROM {table} GROUP BY item_id ORDER BY min(row)").fetchall()
-        ]
-        n_tx = engine.count(db, table)
-        interactions = engine_result(db, table, con)
-
-    articles = read_csv_utf8(paths["articles.csv"], dtype=str)
-    require_columns(articles, ["article_id", *HM_CATEGORICAL, *HM_TEXT], "articles.csv")
-    require_ids(articles, ["article_id"], "articles.csv")
-    articles = articles.rename(columns={"article_id": "item_id"})
-    articles = dedupe_keyed(articles, "item_id", "articles.csv", skipped, "duplicate_item_row")
-
-    images = scan_images(root_path / "images")
-    known = ordered_union(articles["item_id"], purchased)
-    image_only = sorted(set(images).difference(known))
-    items = build_items(ordered_union(known, image_only), articles, HM_CATEGORICAL + HM_TEXT, images)
-    # article_id = product code + 3-digit colour variant, so every item has its product code,
-    # including the purchased articles that articles.csv does not describe.
-    derived = items["item_id"].str[:-3].str.lstrip("0")
-    items["product_code"] = items["product_code"].str.lstrip("0").where(items["product_code"] != "", derived)
-    code = pd.to_numeric(items["product_code"], errors="coerce")
-    items["product_code_block"] = (code // 10_000).astype("Int64").astype("string").fillna("").astype(str)
-    # The display title (exports, the gallery): the product name, else its type; empty when undescribed.
-    name, kind = (items[c].fillna("").astype(str).str.strip() for c in ("prod_name", "product_type_name"))
-    items["title"] = name.where(name != "", kind)
-
-    customers = read_csv_utf8(paths["customers.csv"], dtype=str)
-    require_columns(customers, ["customer_id", "age", *HM_USER_FIELDS], "customers.csv")
-    require_ids(customers, ["customer_id"], "customers.csv")
-    users = pd.DataFrame({"user_id": customers["customer_id"].astype(str)})
-    users["age"] = pd.to_numeric(customers["age"], errors="coerce").astype(float)
-    bad_age = int((users["age"].isna() & customers["age"].notna()).sum())
-    if bad_age:
-        log.warning("customers.csv: %d non-numeric age value(s) read as missing", bad_age)
-    for f in HM_USER_FIELDS:
-        users[f] = customers[f].fillna("").astype(str)
-    users = dedupe_keyed(users, "user_id", "customers.csv", skipped, "duplicate_user_row")
+    interactions, purchased, n_tx = _hm_purchases(
+        paths["transactions.csv"], same_day_repeats, con, chunk_rows, skipped, repaired
+    )
+    items, images = _hm_items(paths["articles.csv"], root_path / "images", purchased, skipped)
+    users = _hm_users(paths["customers.csv"], skipped)
 
     sources = {str(p): file_fingerprint(p) for p in paths.values()}
     sources[str(root_path / "images")] = tree_fingerprint(root_path / "images", "*.jpg")
@@ -199,3 +144,88 @@ def load_hm(
         repaired=repaired,
         sources=sources,
     )
+
+
+_HM_MAPPING = {
+    "user_id": "customer_id",
+    "item_id": "article_id",
+    "timestamp": "t_dat",
+    "price": "price",
+    "channel": "sales_channel_id",
+}
+
+
+def _hm_purchases(
+    path: Path,
+    same_day_repeats: str,
+    con: duckdb.DuckDBPyConnection | None,
+    chunk_rows: int,
+    skipped: Counter,
+    repaired: Counter,
+) -> tuple[pd.DataFrame | str, list[str], int]:
+    """``transactions.csv``, validated in chunks into the engine, same-day repeats merged or kept.
+
+    Returns:
+        The interactions (an engine table's name with ``con``, else a frame), the purchased article
+        ids in order of first purchase, and the number of interactions.
+    """
+
+    def convert(raw: pd.DataFrame) -> pd.DataFrame:
+        tx = canonical_interactions(raw, "transactions.csv", _HM_MAPPING, timestamp_format="%Y-%m-%d")
+        return drop_invalid_prices(tx, skipped, "transactions.csv")[0]
+
+    with source_engine(con) as db:
+        engine_interactions(db, read_csv_chunks(path, chunk_rows, dtype=str), convert, "hm_tx")
+        if same_day_repeats == "merge":
+            table = _merge_same_day(db, "hm_tx", repaired, "transactions.csv")
+        else:
+            db.execute("CREATE TABLE hm_tx_kept AS SELECT *, 1::BIGINT AS quantity FROM hm_tx ORDER BY row")
+            table = "hm_tx_kept"
+        db.execute("DROP TABLE hm_tx")
+        purchased = [
+            r[0]
+            for r in db.execute(f"SELECT item_id FROM {table} GROUP BY item_id ORDER BY min(row)").fetchall()
+        ]
+        n_tx = engine.count(db, table)
+        return engine_result(db, table, con), purchased, n_tx
+
+
+def _hm_items(
+    path: Path, image_dir: Path, purchased: list[str], skipped: Counter
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The catalog: ``articles.csv``, purchased articles and articles with an image; and the images."""
+    articles = read_csv_utf8(path, dtype=str)
+    require_columns(articles, ["article_id", *HM_CATEGORICAL, *HM_TEXT], "articles.csv")
+    require_ids(articles, ["article_id"], "articles.csv")
+    articles = articles.rename(columns={"article_id": "item_id"})
+    articles = dedupe_keyed(articles, "item_id", "articles.csv", skipped, "duplicate_item_row")
+
+    images = scan_images(image_dir)
+    known = ordered_union(articles["item_id"], purchased)
+    image_only = sorted(set(images).difference(known))
+    items = build_items(ordered_union(known, image_only), articles, HM_CATEGORICAL + HM_TEXT, images)
+    # article_id = product code + 3-digit colour variant, so every item has its product code,
+    # including the purchased articles that articles.csv does not describe.
+    derived = items["item_id"].str[:-3].str.lstrip("0")
+    items["product_code"] = items["product_code"].str.lstrip("0").where(items["product_code"] != "", derived)
+    code = pd.to_numeric(items["product_code"], errors="coerce")
+    items["product_code_block"] = (code // 10_000).astype("Int64").astype("string").fillna("").astype(str)
+    # The display title (exports, the gallery): the product name, else its type; empty when undescribed.
+    name, kind = (items[c].fillna("").astype(str).str.strip() for c in ("prod_name", "product_type_name"))
+    items["title"] = name.where(name != "", kind)
+    return items, images
+
+
+def _hm_users(path: Path, skipped: Counter) -> pd.DataFrame:
+    """``customers.csv``: id, numeric age (a non-numeric value read as missing) and the profile fields."""
+    customers = read_csv_utf8(path, dtype=str)
+    require_columns(customers, ["customer_id", "age", *HM_USER_FIELDS], "customers.csv")
+    require_ids(customers, ["customer_id"], "customers.csv")
+    users = pd.DataFrame({"user_id": customers["customer_id"].astype(str)})
+    users["age"] = pd.to_numeric(customers["age"], errors="coerce").astype(float)
+    bad_age = int((users["age"].isna() & customers["age"].notna()).sum())
+    if bad_age:
+        log.warning("customers.csv: %d non-numeric age value(s) read as missing", bad_age)
+    for f in HM_USER_FIELDS:
+        users[f] = customers[f].fillna("").astype(str)
+    return dedupe_keyed(users, "user_id", "customers.csv", skipped, "duplicate_user_row")

@@ -93,6 +93,53 @@ def load_movielens(
     """
     root_path = Path(root).resolve()
     skipped: Counter = Counter()
+    ratings_file, movies_file, raw, movies, users = _ml_release(root_path)
+
+    mapping = {"user_id": "user", "item_id": "item", "timestamp": "ts", "rating": "rating"}
+    ratings = canonical_interactions(raw, ratings_file.name, mapping)
+    with source_engine(con) as db:
+        engine.append_frame(db, ratings, "ml_ratings", create=True)
+        table = drop_duplicate_rows(db, "ml_ratings", skipped, ratings_file.name)
+        rated = [
+            r[0]
+            for r in db.execute(f"SELECT item_id FROM {table} GROUP BY item_id ORDER BY min(row)").fetchall()
+        ]
+        interactions = engine_result(db, table, con)
+    del ratings, raw
+
+    movies = _ml_movies(movies, movies_file.name, skipped)
+
+    poster_dir = root_path / (images_dir if images_dir is not None else "posters")
+    images = scan_images(poster_dir)
+    ids = ordered_union(movies["item_id"], rated)
+    n_extra = len(ids) - len(movies)
+    if n_extra:
+        log.info(
+            "%s: %d rated movie(s) not in %s get empty metadata", ratings_file.name, n_extra, movies_file.name
+        )
+    items = build_items(ids, movies, ML_CATEGORICAL + ML_TEXT, images)
+
+    sources = {str(p): file_fingerprint(p) for p in (ratings_file, movies_file)}
+    if poster_dir.is_dir():
+        sources[str(poster_dir)] = tree_fingerprint(poster_dir, "*.jpg")
+    return RawDataset(
+        interactions=interactions,
+        items=items,
+        users=users.reset_index(drop=True),
+        categorical=list(ML_CATEGORICAL),
+        text=list(ML_TEXT),
+        skipped=skipped,
+        sources=sources,
+    )
+
+
+def _ml_release(root_path: Path) -> tuple[Path, Path, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The ratings and movies files of the release in ``root_path`` (by file name), read.
+
+    Returns:
+        The ratings file, the movies file, the raw ratings (``user``, ``item``, ``rating``, ``ts``),
+        the movies and the users (empty where the release has no user file).
+    """
     users = pd.DataFrame({"user_id": pd.Series([], dtype=str)})
     if (root_path / "u.data").is_file():
         ratings_file, movies_file = root_path / "u.data", root_path / "u.item"
@@ -120,53 +167,22 @@ def load_movielens(
         raise DataError(
             f"{root_path.name}: no MovieLens ratings found (expected u.data, ratings.dat or ratings.csv)"
         )
+    return ratings_file, movies_file, raw, movies, users
 
-    mapping = {"user_id": "user", "item_id": "item", "timestamp": "ts", "rating": "rating"}
-    ratings = canonical_interactions(raw, ratings_file.name, mapping)
-    with source_engine(con) as db:
-        engine.append_frame(db, ratings, "ml_ratings", create=True)
-        table = drop_duplicate_rows(db, "ml_ratings", skipped, ratings_file.name)
-        rated = [
-            r[0]
-            for r in db.execute(f"SELECT item_id FROM {table} GROUP BY item_id ORDER BY min(row)").fetchall()
-        ]
-        interactions = engine_result(db, table, con)
-    del ratings, raw
 
-    require_ids(movies, ["item_id"], movies_file.name)
+def _ml_movies(movies: pd.DataFrame, file_name: str, skipped: Counter) -> pd.DataFrame:
+    """The movies' ``genres``, first ``genre``, ``year`` (from the title) and ``title``, one row per id."""
+    require_ids(movies, ["item_id"], file_name)
     movies["genres"] = movies["genres"].fillna("").astype(str)
     movies["genre"] = movies["genres"].str.split("|").str[0].fillna("")
     if "year" not in movies:
         movies["year"] = movies["title"].fillna("").str.extract(_YEAR_IN_TITLE)[0]
     movies["year"] = movies["year"].fillna("")
     movies["title"] = movies["title"].fillna("").astype(str)
-    movies = dedupe_keyed(
+    return dedupe_keyed(
         movies[["item_id", *ML_CATEGORICAL, *ML_TEXT]],
         "item_id",
-        movies_file.name,
+        file_name,
         skipped,
         "duplicate_item_row",
-    )
-
-    poster_dir = root_path / (images_dir if images_dir is not None else "posters")
-    images = scan_images(poster_dir)
-    ids = ordered_union(movies["item_id"], rated)
-    n_extra = len(ids) - len(movies)
-    if n_extra:
-        log.info(
-            "%s: %d rated movie(s) not in %s get empty metadata", ratings_file.name, n_extra, movies_file.name
-        )
-    items = build_items(ids, movies, ML_CATEGORICAL + ML_TEXT, images)
-
-    sources = {str(p): file_fingerprint(p) for p in (ratings_file, movies_file)}
-    if poster_dir.is_dir():
-        sources[str(poster_dir)] = tree_fingerprint(poster_dir, "*.jpg")
-    return RawDataset(
-        interactions=interactions,
-        items=items,
-        users=users.reset_index(drop=True),
-        categorical=list(ML_CATEGORICAL),
-        text=list(ML_TEXT),
-        skipped=skipped,
-        sources=sources,
     )

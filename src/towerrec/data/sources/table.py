@@ -84,37 +84,18 @@ def load_table(
 
     inter_path = root_path / interactions
     name = inter_path.name
-
-    def convert(raw: pd.DataFrame) -> pd.DataFrame:
-        mapping = {c: columns.get(c, c) for c in INTERACTION_COLUMNS}
-        for c in INTERACTION_OPTIONAL:
-            if c in columns or c in raw.columns:
-                mapping[c] = columns.get(c, c)
-        mapping.update({c: s for c, s in columns.items() if c not in mapping})
-        df = canonical_interactions(raw, name, mapping, timestamp_format)
-        return drop_invalid_prices(df, skipped, name)[0] if "price" in df else df
-
+    convert = _converter(columns, name, timestamp_format, skipped)
     image_root = root_path / image_dir if image_dir is not None else root_path
     sources: dict = {}
     fields = categorical + text
-    meta = None
     with source_engine(con) as db:
         engine_interactions(db, table_chunks(inter_path, chunk_rows), convert, "table_tx")
         table = drop_duplicate_rows(db, "table_tx", skipped, name)
-        sources[str(inter_path)] = file_fingerprint(inter_path)
-        if items is not None:
-            items_path = root_path / items
-            meta = _read_items(items_path, item_columns, fields, skipped)
-            table = drop_unknown_items(db, table, meta["item_id"], skipped, name)
-            ids = pd.Index(meta["item_id"], dtype=object)
+        sources[str(inter_path)] = file_fingerprint(inter_path)  # after reading: a bad file's error comes first
+        items_path = root_path / items if items is not None else None
+        table, ids, meta = _catalog(db, table, items_path, item_columns, fields, skipped, name)
+        if items_path is not None:
             sources[str(items_path)] = file_fingerprint(items_path)
-        else:
-            if fields:
-                raise DataError(f"{name}: categorical/text item fields {fields} need an items file")
-            first_seen = db.execute(
-                f"SELECT item_id FROM {table} GROUP BY item_id ORDER BY min(row)"
-            ).fetchall()
-            ids = ordered_union([r[0] for r in first_seen])
         interactions = engine_result(db, table, con)
 
     if meta is not None and "image" in meta:
@@ -132,6 +113,46 @@ def load_table(
         skipped=skipped,
         sources=sources,
     )
+
+
+def _converter(columns: dict, name: str, timestamp_format: str | None, skipped: Counter):
+    """The function that turns one chunk of the interactions file into canonical interactions."""
+
+    def convert(raw: pd.DataFrame) -> pd.DataFrame:
+        mapping = {c: columns.get(c, c) for c in INTERACTION_COLUMNS}
+        for c in INTERACTION_OPTIONAL:
+            if c in columns or c in raw.columns:
+                mapping[c] = columns.get(c, c)
+        mapping.update({c: s for c, s in columns.items() if c not in mapping})
+        df = canonical_interactions(raw, name, mapping, timestamp_format)
+        return drop_invalid_prices(df, skipped, name)[0] if "price" in df else df
+
+    return convert
+
+
+def _catalog(
+    db: duckdb.DuckDBPyConnection,
+    table: str,
+    items_path: Path | None,
+    item_columns: dict,
+    fields: list[str],
+    skipped: Counter,
+    name: str,
+) -> tuple[str, pd.Index, pd.DataFrame | None]:
+    """The catalog: the items file (interactions with other items dropped as ``unknown_item``), else the
+    interacted items in order of first interaction.
+
+    Returns:
+        The interactions table, the item ids and the items file's rows (None without one).
+    """
+    if items_path is None:
+        if fields:
+            raise DataError(f"{name}: categorical/text item fields {fields} need an items file")
+        first_seen = db.execute(f"SELECT item_id FROM {table} GROUP BY item_id ORDER BY min(row)").fetchall()
+        return table, ordered_union([r[0] for r in first_seen]), None
+    meta = _read_items(items_path, item_columns, fields, skipped)
+    table = drop_unknown_items(db, table, meta["item_id"], skipped, name)
+    return table, pd.Index(meta["item_id"], dtype=object), meta
 
 
 def _read_items(path: Path, item_columns: dict, fields: list[str], skipped: Counter) -> pd.DataFrame:
