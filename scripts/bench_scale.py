@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -58,6 +59,27 @@ def _rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _peak_mb() -> float:
+    """This process's peak RSS so far (``VmHWM``), MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _StagePeaks(logging.Handler):
+    """Notes the process's RSS and peak RSS (MB) at every log record of the towerrec loggers: the
+    memory profile of a stage by its log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.stages: list[tuple[str, float, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stages.append((record.getMessage()[:70], round(_rss_mb()), round(_peak_mb())))
 
 
 def _compose(name: str, overrides: list[str]):
@@ -97,6 +119,7 @@ def child_train(size: str, root: Path, args) -> dict:
     dm = instantiate(cfg.datamodule)
     dm.setup()
     setup_s, setup_rss = time.perf_counter() - t, _rss_mb()
+    stages = [("set-up", round(setup_rss), round(_peak_mb()))]
     OmegaConf.set_struct(cfg, False)
     cfg.model.meta = dm.meta
     model = TwoTowerModule.from_config(cfg.model)
@@ -117,6 +140,7 @@ def child_train(size: str, root: Path, args) -> dict:
         opt.step()
         pos += int((batch["targets"] != 0).sum())
     train_pos_s = pos / (time.perf_counter() - t)
+    stages.append(("training steps", round(_rss_mb()), round(_peak_mb())))
 
     model.eval()
     split = dm.val_split
@@ -127,6 +151,7 @@ def child_train(size: str, root: Path, args) -> dict:
     topk = model.rank(split.history[rows], 20, chunk_size=dm.eval_batch_size)
     ndcg = aggregate(rank_metrics(topk, split.targets[rows], [20]))["ndcg@20"]
     eval_s = time.perf_counter() - t
+    stages.append(("evaluation", round(_rss_mb()), round(_peak_mb())))
 
     ckpt = root / size / "run" / "model.ckpt"
     trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -137,17 +162,23 @@ def child_train(size: str, root: Path, args) -> dict:
         "windows": len(dm.train_data), "val_users": len(split), "eval_users": len(rows),
         "setup_s": setup_s, "setup_rss_mb": setup_rss, "rss_before_setup_mb": rss0,
         "train_pos_s": train_pos_s, "eval_users_s": len(rows) / eval_s, "val_ndcg20": float(ndcg),
+        "stages": [*stages, ("Lightning step + checkpoint", round(_rss_mb()), round(_peak_mb()))],
     }
 
 
 def child_export(size: str, root: Path, args) -> dict:
+    from hydra.utils import instantiate
+
     from towerrec.retrieval.writer import export_index
 
     cfg = _compose("export", ["ckpt_path=unused"])
-    from hydra.utils import instantiate
-
-    export_index(root / size / "run" / "model.ckpt", instantiate(cfg.index), root / size / "export", n_queries=200, overwrite=True)
-    return {}
+    peaks = _StagePeaks()
+    logger = logging.getLogger("towerrec")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(peaks)
+    export_index(root / size / "run" / "model.ckpt", instantiate(cfg.index), root / size / "export", n_queries=200,
+                 overwrite=True, users=args.export_users)
+    return {"stages": peaks.stages}
 
 
 CHILDREN = {"prepare": child_prepare, "train": child_train, "export": child_export}
@@ -179,6 +210,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="prepare's image-rendering processes")
     p.add_argument("--eval-users", type=int, default=100_000, help="validation users scored when there are more")
     p.add_argument("--overrides", nargs="*", default=[], help="extra train-config overrides")
+    p.add_argument("--export-users", action="store_true", help="export the customers too (users=true)")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = p.parse_args()
     sizes = [s for s in args.sizes.split(",") if s]
@@ -194,6 +226,8 @@ def main() -> None:
 
     argv = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
             "--workers", str(args.workers), "--eval-users", str(args.eval_users)]
+    if args.export_users:
+        argv += ["--export-users"]
     if args.overrides:
         argv += ["--overrides", *args.overrides]
     print(f"# towerrec scaling benchmark\n\nCPUs: {os.cpu_count()}; images {IMAGE_SIZE}x{IMAGE_SIZE}; "
@@ -203,6 +237,7 @@ def main() -> None:
           "| windows | training positions/s | evaluated users (of val) | evaluation users/s | val NDCG@20 "
           "| train child peak RSS GB | export s | export peak RSS GB | load avg |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    profiles = []
     try:
         for size in sizes:
             n, users, items = SIZES[size]
@@ -216,6 +251,11 @@ def main() -> None:
                   f"{train['eval_users_s']:,.0f} | {train['val_ndcg20']:.4f} | {train['peak_rss_mb'] / gb:.2f} | "
                   f"{export['wall_s']:.1f} | {export['peak_rss_mb'] / gb:.2f} | "
                   f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} |", flush=True)
+            profiles.append((size, train["stages"], export["stages"]))
+        print("\nRSS by stage (MB: RSS then, the process's peak so far), from the children's own /proc/self/status:")
+        for size, train_stages, export_stages in profiles:
+            for child, stages in (("train", train_stages), ("export", export_stages)):
+                print(f"- {size} {child}: " + "; ".join(f"{name} {rss:.0f} / {peak:.0f}" for name, rss, peak in stages))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

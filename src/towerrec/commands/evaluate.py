@@ -79,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Slices]:
 
         model, dm = load_trained(cfg.ckpt_path, device=cfg.device, force=cfg.get("force", False))
         split = dm.eval_split(cfg.split)
-        topk = model.rank(split.history, max(ks), seen=split.seen, chunk_size=cfg.chunk_size).cpu()
+        topk = model.rank_split(split, max(ks), chunk_size=cfg.chunk_size)  # users read in chunks
         results["two_tower"], per_user["two_tower"] = score_split(topk, split, dm.item_features, ks, cfg.segments)
     else:
         ensure_prepared(cfg.data, workers=cfg.workers)

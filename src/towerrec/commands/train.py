@@ -58,8 +58,8 @@ def test_checkpoint(
     """Reload ``ckpt_path`` through the one checkpoint loader and score ``split`` of ``dm`` by full ranking."""
     model, dm = load_trained(ckpt_path, device=device, dm=dm)
     s = dm.eval_split(split)
-    topk = model.rank(s.history, max(ks), seen=s.seen, chunk_size=dm.eval_batch_size)
-    return score_split(topk.cpu(), s, dm.item_features, ks)
+    topk = model.rank_split(s, max(ks), chunk_size=dm.eval_batch_size)  # users read in chunks
+    return score_split(topk, s, dm.item_features, ks)
 
 
 def train(cfg: DictConfig) -> Results | None:

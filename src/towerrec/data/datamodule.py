@@ -19,45 +19,133 @@ from towerrec.data.image_cache import load_image_cache
 from towerrec.data.manifest import load_manifest
 from towerrec.data.schema import DataError
 from towerrec.data.sentence_features import load_sentence_features
-from towerrec.data.sequences import Sequences, load_sequences
+from towerrec.data.sequences import Sequences, distinct_items, first_items, last_items, load_sequences, ranges
 from towerrec.data.splits import EVAL_SPLITS, history_splits
 
 log = logging.getLogger(__name__)
+
+
+class SplitRows:
+    """A lazy ``(U, W)`` int64 matrix of one evaluation split, cut from the memory-mapped sequences for
+    the rows asked for: ``rows[i]`` is ``(W,)``, ``rows[a:b]`` or ``rows[index]`` is ``(n, W)``.
+
+    Nothing of the whole split is held: each access reads its rows' positions from the maps. Targets
+    and seen items are right-padded with 0 to the widest of the rows asked for, so ``W`` depends on
+    them (a row's own values do not); histories are ``max_history`` wide, left-padded.
+
+    Args:
+        n: rows (users) of the split.
+        cut: ``(n,)`` int64 row indices -> ``(n, W)`` int64 array.
+    """
+
+    def __init__(self, n: int, cut) -> None:
+        self.n, self._cut = n, cut
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index) -> Tensor:
+        if isinstance(index, (int, np.integer)) or (isinstance(index, Tensor) and index.dim() == 0):
+            i = int(index)
+            if not -self.n <= i < self.n:
+                raise IndexError(f"row {i} outside a split of {self.n} users")
+            return self[np.array([i % self.n])][0]
+        if isinstance(index, slice):
+            rows = np.arange(*index.indices(self.n), dtype=np.int64)
+        else:
+            rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index)
+            if rows.dtype == bool:
+                rows = np.flatnonzero(rows)
+            rows = rows.astype(np.int64, copy=False)
+            if len(rows) and (rows.min() < -self.n or rows.max() >= self.n):
+                raise IndexError(f"rows outside a split of {self.n} users")
+            rows = rows % max(self.n, 1)
+        return torch.from_numpy(self._cut(rows))
 
 
 @dataclass
 class EvalSplit:
     """History -> held-out items for every user with an interaction in one split.
 
-    Rows are users; all tensors share the first dimension ``U``.
+    Rows are users. Only per-user vectors are held (``user_idx``, ``history_len``); the histories,
+    targets and seen items are :class:`SplitRows`, cut from the memory-mapped sequences for the rows a
+    caller asks for (a batch or a chunk of users), so nothing that grows with users x history is
+    ever built whole.
     """
 
     name: str
     user_idx: Tensor  # (U,)
-    history: Tensor  # (U, max_history) long, left-padded, most recent last
+    history: SplitRows  # (U, max_history) long, left-padded, most recent last
     history_len: Tensor  # (U,) full history length (before truncation)
-    targets: Tensor  # (U, T) distinct held-out items, right-padded with 0
-    seen: Tensor | None  # (U, S) full history, for masking seen items; None when not masked
-    users: pd.DataFrame  # segments etc., aligned with the rows
+    targets: SplitRows  # (U, T) distinct held-out items, right-padded with 0 (T: the rows' widest, <= max_targets)
+    seen: SplitRows | None  # (U, S) full history, for masking seen items; None when not masked
+    all_users: pd.DataFrame  # users.parquet, every user (segments are read from it on demand)
     n_train_users: int = 0  # users with a training interaction (for novelty)
 
     def __len__(self) -> int:
         return len(self.user_idx)
 
+    @property
+    def users(self) -> pd.DataFrame:
+        """Segments etc. of the split's users, aligned with the rows (built on each call)."""
+        return self.all_users.set_index("user_idx").reindex(self.user_idx.numpy()).reset_index()
 
-class _BatchDataset(Dataset):
-    """Indexed by a whole list of rows: one fancy-index per batch, no per-sample Python."""
 
-    def __init__(self, **tensors: Tensor | None) -> None:
-        self.tensors = {k: v for k, v in tensors.items() if v is not None}
-        self.n = len(next(iter(self.tensors.values())))
+def _eval_split(seq: Sequences, users_table: pd.DataFrame, name: str, max_history: int, max_targets: int,
+                mask_seen: bool) -> EvalSplit:
+    """The :class:`EvalSplit` ``name`` over the memory-mapped sequences ``seq``."""
+    lo_all, hi_all = seq.block(name)
+    users = np.flatnonzero(np.asarray(hi_all) > np.asarray(lo_all)).astype(np.int64)  # user 0 holds nothing
+    start_all, end_all = seq.start(), seq.end_of(history_splits(name))
+    hlen = np.asarray(end_all)[users] - np.asarray(start_all)[users]
+
+    def history(rows: np.ndarray) -> np.ndarray:
+        u = users[rows]
+        return last_items(seq.items, start_all[u], end_all[u], max_history)
+
+    def targets(rows: np.ndarray) -> np.ndarray:
+        u = users[rows]
+        return distinct_items(seq.items, lo_all[u], hi_all[u], max_targets)[0]
+
+    def seen(rows: np.ndarray) -> np.ndarray:
+        u = users[rows]
+        return first_items(seq.items, start_all[u], end_all[u], int(max(hlen[rows].max(initial=1), 1)))
+
+    # Only users with more held-out positions than the cap can lose targets: count their distinct items.
+    many = np.flatnonzero((np.asarray(hi_all) - np.asarray(lo_all))[users] > max_targets)
+    n_dropped = 0
+    for c in range(0, len(many), 4096):
+        u = users[many[c : c + 4096]]
+        n_dropped += int((distinct_items(seq.items, lo_all[u], hi_all[u], max_targets)[1] > max_targets).sum())
+    if n_dropped:
+        log.warning("%s: %d users have more than %d targets; extra targets dropped", name, n_dropped, max_targets)
+    return EvalSplit(
+        name=name,
+        user_idx=torch.from_numpy(users),
+        history=SplitRows(len(users), history),
+        history_len=torch.from_numpy(hlen.astype(np.int64)),
+        targets=SplitRows(len(users), targets),
+        seen=SplitRows(len(users), seen) if mask_seen else None,
+        all_users=users_table,
+        n_train_users=int((users_table["n_train"] > 0).sum()),
+    )
+
+
+class _SplitBatches(Dataset):
+    """An evaluation split's batches, indexed by a whole list of rows and cut from the maps when drawn."""
+
+    def __init__(self, split: EvalSplit) -> None:
+        self.split = split
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.split)
 
     def __getitem__(self, rows: list[int]) -> dict[str, Tensor]:
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        return {k: v[idx] for k, v in self.tensors.items()}
+        s, idx = self.split, np.asarray(rows, dtype=np.int64)
+        batch = {"row": torch.from_numpy(idx), "history": s.history[idx], "targets": s.targets[idx]}
+        if s.seen is not None:
+            batch["seen"] = s.seen[idx]
+        return batch
 
 
 class WindowDataset(Dataset):
@@ -196,28 +284,6 @@ class _ResumableLoader(DataLoader):
         s.resume(int(state["epoch"]), int(state["batches"]))
 
 
-def _pad_groups(group: np.ndarray, values: np.ndarray, width: int, align: str) -> np.ndarray:
-    """Scatter ``values`` grouped by sorted ``group`` codes (0..G-1) into a (G, width) array.
-
-    ``align="right"`` keeps each group's last ``width`` values, right-aligned (left padding);
-    ``align="left"`` keeps the first ``width`` values, left-aligned.
-    """
-    n_groups = int(group.max()) + 1 if len(group) else 0
-    out = np.zeros((n_groups, width), dtype=np.int64)
-    if not len(group):
-        return out
-    starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
-    sizes = np.diff(np.r_[starts, len(group)])
-    pos = np.arange(len(group)) - np.repeat(starts, sizes)
-    if align == "right":
-        slot = width - np.repeat(sizes, sizes) + pos
-    else:
-        slot = pos
-    keep = (slot >= 0) & (slot < width)
-    out[group[keep], slot[keep]] = values[keep]
-    return out
-
-
 def train_windows(user: np.ndarray, item: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """All-position next-item windows from interactions sorted by user then time.
 
@@ -333,8 +399,10 @@ class SequenceDataModule(L.LightningDataModule):
             self.item_features if self.fit_splits == ("train",) else _fit_features(self.item_features, seq, fit_end)
         )
         self.train_data = WindowDataset(seq.items, seq.start(), fit_end, self.max_len)
-        self.val_split = self._eval_split("val")
-        self.test_split = self._eval_split("test")
+        self.val_split, self.test_split = (
+            _eval_split(seq, self.users, name, self.max_history, self.max_targets, self.mask_seen)
+            for name in EVAL_SPLITS
+        )
         self._loaded = True
         log.info("train windows %d, val users %d, test users %d", len(self.train_data), len(self.val_split), len(self.test_split))
 
@@ -367,40 +435,6 @@ class SequenceDataModule(L.LightningDataModule):
             raise ValueError(f"unknown evaluation split {name!r}: expected one of {list(EVAL_SPLITS)}")
         return getattr(self, f"{name}_split")
 
-    def _eval_split(self, name: str, chunk_users: int = 65536) -> EvalSplit:
-        """Histories, targets (and seen items) of every user with an interaction in ``name``, read from
-        the memory-mapped sequences ``chunk_users`` users at a time."""
-        seq = self.sequences
-        lo, hi = seq.block(name)
-        users = np.flatnonzero(hi > lo).astype(np.int64)  # user 0 holds nothing
-        start = np.asarray(seq.start())[users]
-        hist_end = np.asarray(seq.end_of(history_splits(name)))[users]
-        hlen = hist_end - start
-        parts: dict[str, list[np.ndarray]] = {"history": [], "targets": [], "seen": []}
-        n_dropped = 0
-        for c in range(0, len(users), chunk_users):
-            sl = slice(c, c + chunk_users)
-            parts["history"].append(_last_items(seq.items, start[sl], hist_end[sl], self.max_history))
-            targets, n_t = _distinct_items(seq.items, lo[users[sl]], hi[users[sl]], self.max_targets)
-            parts["targets"].append(targets)
-            n_dropped += int((n_t > self.max_targets).sum())
-            if self.mask_seen:
-                seen_w = int(max(hlen[sl].max(initial=1), 1))
-                parts["seen"].append(_first_items(seq.items, start[sl], hist_end[sl], seen_w))
-        if n_dropped:
-            log.warning("%s: %d users have more than %d targets; extra targets dropped", name, n_dropped, self.max_targets)
-        seg = self.users.set_index("user_idx").reindex(users).reset_index()
-        return EvalSplit(
-            name=name,
-            user_idx=torch.from_numpy(users),
-            history=torch.from_numpy(_stack(parts["history"], self.max_history)),
-            history_len=torch.from_numpy(hlen.astype(np.int64)),
-            targets=torch.from_numpy(_stack(parts["targets"], 1)),
-            seen=torch.from_numpy(_stack(parts["seen"], 1)) if self.mask_seen else None,
-            users=seg,
-            n_train_users=int((self.users["n_train"] > 0).sum()),
-        )
-
     # ------------------------------------------------------------------ loaders
     def _rank(self) -> tuple[int, int]:
         t = self.trainer
@@ -412,7 +446,7 @@ class SequenceDataModule(L.LightningDataModule):
         return t.fit_loop.epoch_loop.batch_progress.current.processed if t is not None else 0
 
     def _eval_loader(self, s: EvalSplit) -> DataLoader:
-        data = _BatchDataset(row=torch.arange(len(s)), history=s.history, targets=s.targets, seen=s.seen)
+        data = _SplitBatches(s)
         # Every rank scores every user: exact means (the same on each rank) for checkpoint selection, and
         # no rank without batches to hang the metric's all-reduce.
         sampler = EpochBatchSampler(len(data), self.eval_batch_size, False, self.seed)
@@ -426,9 +460,6 @@ class SequenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_split)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_split)
 
 
 def _fit_features(features: ItemFeatures, seq: Sequences, fit_end: np.ndarray, chunk_users: int = 65536) -> ItemFeatures:
@@ -444,7 +475,7 @@ def _fit_features(features: ItemFeatures, seq: Sequences, fit_end: np.ndarray, c
             continue
         items = np.asarray(seq.items[lo[0] : hi[-1]])  # the chunk's users are contiguous
         row = np.repeat(np.arange(len(lo)), hi - lo)
-        pos = _ranges(lo - lo[0], hi - lo[0])
+        pos = ranges(lo - lo[0], hi - lo[0])
         item = items[pos].astype(np.int64)
         count += np.bincount(item, minlength=n)
         users += np.bincount(np.unique(row * n + item) % n, minlength=n)
@@ -455,60 +486,3 @@ def _fit_features(features: ItemFeatures, seq: Sequences, fit_end: np.ndarray, c
         train_count=torch.from_numpy(count),
         train_users=torch.from_numpy(users),
     )
-
-
-def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """The concatenated positions ``lo[i]:hi[i]`` of every row ``i``."""
-    size = hi - lo
-    return np.repeat(lo - np.r_[0, np.cumsum(size)[:-1]], size) + np.arange(int(size.sum()))
-
-
-def _last_items(items: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
-    """``(U, width)`` int64: each row's last ``width`` items of ``items[lo:hi]``, right-aligned, 0-padded."""
-    pos = hi[:, None] - width + np.arange(width)
-    valid = pos >= lo[:, None]
-    return np.where(valid, items[np.where(valid, pos, 0)], 0).astype(np.int64)
-
-
-def _first_items(items: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
-    """``(U, width)`` int64: each row's first ``width`` items of ``items[lo:hi]``, left-aligned, 0-padded."""
-    pos = lo[:, None] + np.arange(width)
-    valid = pos < hi[:, None]
-    return np.where(valid, items[np.where(valid, pos, 0)], 0).astype(np.int64)
-
-
-def _distinct_items(items: np.ndarray, lo: np.ndarray, hi: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's distinct items of ``items[lo:hi]`` in order of first appearance, at most ``cap``.
-
-    Returns:
-        ``(U, W)`` int64 left-aligned and 0-padded (``W`` the chunk's widest row, at most ``cap``),
-        and ``(U,)`` the number of distinct items of each row before the cap.
-    """
-    size = hi - lo
-    pos = _ranges(lo, hi)
-    row = np.repeat(np.arange(len(lo)), size)
-    item = np.asarray(items[pos]).astype(np.int64)
-    key = row * (int(item.max(initial=0)) + 1) + item
-    _, first = np.unique(key, return_index=True)
-    first.sort()  # keeps rows in order, and within a row the order of first appearance
-    n_t = np.bincount(row[first], minlength=len(lo))
-    width = int(min(max(n_t.max(initial=1), 1), cap))
-    return _pad_groups_full(row[first], item[first], len(lo), width, "left"), n_t
-
-
-def _stack(parts: list[np.ndarray], min_width: int) -> np.ndarray:
-    """Row-stack ``(U_i, W_i)`` chunks, right-padding each with 0 to the widest."""
-    if not parts:
-        return np.zeros((0, min_width), dtype=np.int64)
-    width = max(max(p.shape[1] for p in parts), min_width)
-    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts])
-
-
-def _pad_groups_full(code: np.ndarray, values: np.ndarray, n_groups: int, width: int, align: str) -> np.ndarray:
-    """Like :func:`_pad_groups` for unsorted codes, with empty groups kept as all-padding rows."""
-    order = np.argsort(code, kind="stable")  # stable: keeps time order within a user
-    out = np.zeros((n_groups, width), dtype=np.int64)
-    if len(code):
-        sub = _pad_groups(code[order], values[order], width, align)
-        out[: len(sub)] = sub
-    return out

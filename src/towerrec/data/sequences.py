@@ -171,3 +171,53 @@ def load_sequences(processed_dir: str | Path) -> Sequences:
         offsets=np.load(d / "seq_offsets.npy", mmap_mode="r"),
         ends=np.load(d / "seq_split_ends.npy", mmap_mode="r"),
     )
+
+
+# ----------------------------------------------------------------------------- cutting rows out of the maps
+def ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The concatenated positions ``lo[i]:hi[i]`` of every row ``i``."""
+    size = hi - lo
+    return np.repeat(lo - np.r_[0, np.cumsum(size)[:-1]], size) + np.arange(int(size.sum()))
+
+
+def last_items(items: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
+    """``(U, width)`` int64: each row's last ``width`` items of ``items[lo:hi]``, right-aligned, 0-padded."""
+    pos = hi[:, None] - width + np.arange(width)
+    valid = pos >= lo[:, None]
+    return np.where(valid, items[np.where(valid, pos, 0)], 0).astype(np.int64)
+
+
+def first_items(items: np.ndarray, lo: np.ndarray, hi: np.ndarray, width: int) -> np.ndarray:
+    """``(U, width)`` int64: each row's first ``width`` items of ``items[lo:hi]``, left-aligned, 0-padded."""
+    pos = lo[:, None] + np.arange(width)
+    valid = pos < hi[:, None]
+    return np.where(valid, items[np.where(valid, pos, 0)], 0).astype(np.int64)
+
+
+def distinct_pairs(items: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's distinct items of ``items[lo:hi]``, flat: ``(row, item)`` int64, rows in order and,
+    within a row, items in order of first appearance."""
+    size = hi - lo
+    row = np.repeat(np.arange(len(lo)), size)
+    item = np.asarray(items[ranges(lo, hi)]).astype(np.int64)
+    key = row * (int(item.max(initial=0)) + 1) + item
+    _, first = np.unique(key, return_index=True)
+    first.sort()  # keeps rows in order, and within a row the order of first appearance
+    return row[first], item[first]
+
+
+def distinct_items(items: np.ndarray, lo: np.ndarray, hi: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's distinct items of ``items[lo:hi]`` in order of first appearance, at most ``cap``.
+
+    Returns:
+        ``(U, W)`` int64 left-aligned and 0-padded (``W`` the rows' widest, at most ``cap``, at least 1),
+        and ``(U,)`` the number of distinct items of each row before the cap.
+    """
+    row, item = distinct_pairs(items, lo, hi)
+    n_t = np.bincount(row, minlength=len(lo))
+    width = int(min(max(n_t.max(initial=1), 1), cap))
+    slot = np.arange(len(row)) - np.repeat(np.cumsum(n_t) - n_t, n_t)  # position within the row
+    keep = slot < width
+    out = np.zeros((len(lo), width), dtype=np.int64)
+    out[row[keep], slot[keep]] = item[keep]
+    return out, n_t

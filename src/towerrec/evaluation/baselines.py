@@ -38,15 +38,21 @@ Count = Literal["events", "units"]
 
 
 # ----------------------------------------------------------------------------- helpers
-def rank(baseline: Baseline, split: EvalSplit, k: int, chunk_size: int = 1024) -> Tensor:
-    """Top-k items for every user of ``split`` (seen items masked when the split has them)."""
-    return topk_from_scorer(
-        lambda rows: baseline.score(split, rows),
-        n_users=len(split),
-        k=k,
-        seen=seen_pairs(split.seen),
-        chunk_size=chunk_size,
-    )
+def rank(baseline: Baseline, split: EvalSplit, k: int, chunk_size: int = 1024, chunk_users: int = 65536) -> Tensor:
+    """Top-k items for every user of ``split`` (seen items masked when the split has them), with the
+    seen items cut from the memory maps ``chunk_users`` users at a time."""
+    step = max(chunk_size, chunk_users // chunk_size * chunk_size)
+    parts = [
+        topk_from_scorer(
+            lambda rows, lo=lo: baseline.score(split, rows + lo),
+            n_users=min(step, len(split) - lo),
+            k=k,
+            seen=None if split.seen is None else seen_pairs(split.seen[lo : lo + step]),
+            chunk_size=chunk_size,
+        )
+        for lo in range(0, len(split), step)
+    ]
+    return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.long)
 
 
 def history_before_cut(dm: SequenceDataModule, split_name: str) -> pd.DataFrame:

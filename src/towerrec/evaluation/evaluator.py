@@ -36,18 +36,33 @@ INTERVAL_METRICS = ("recall", "ndcg")
 HISTORY_BUCKETS: list[tuple[str, int, float]] = [("0", 0, 0), ("1", 1, 1), ("2-4", 2, 4), ("5-9", 5, 9), ("10+", 10, math.inf)]
 
 
-def item_slices_per_user(topk: Tensor, split, is_cold: Tensor, ks: list[int]) -> dict[str, dict[str, Tensor]]:
+#: Users whose targets are cut from the memory maps at once when a split is scored.
+CHUNK_USERS = 65536
+
+
+def item_slices_per_user(
+    topk: Tensor, split, is_cold: Tensor, ks: list[int], chunk_users: int = CHUNK_USERS
+) -> dict[str, dict[str, Tensor]]:
     """Per-user metrics of :data:`ITEM_SLICES`: ``{slice: {metric@k: (U,) values}}``, NaN for users
-    without a target in the slice (a warm-items value counts the user's warm targets only)."""
-    topk = topk.cpu()
-    targets = split.targets.cpu()
-    real = targets != PAD
-    cold_t = is_cold.cpu()[targets] & real
-    return {
-        "all": rank_metrics(topk, targets, ks),
-        "warm_items": rank_metrics(topk, targets, ks, target_mask=real & ~cold_t),
-        "cold_items": rank_metrics(topk, targets, ks, target_mask=cold_t),
-    }
+    without a target in the slice (a warm-items value counts the user's warm targets only).
+
+    The split's targets are cut ``chunk_users`` users at a time; each user's values do not depend on it.
+    """
+    if chunk_users < 1:
+        raise ValueError(f"chunk_users must be positive, got {chunk_users}")
+    topk, cold = topk.cpu(), is_cold.cpu()
+    parts: dict[str, list[dict[str, Tensor]]] = {sl: [] for sl in ITEM_SLICES}
+    for lo in range(0, len(split), chunk_users):
+        top, targets = topk[lo : lo + chunk_users], split.targets[lo : lo + chunk_users]
+        real = targets != PAD
+        cold_t = cold[targets] & real
+        parts["all"].append(rank_metrics(top, targets, ks))
+        parts["warm_items"].append(rank_metrics(top, targets, ks, target_mask=real & ~cold_t))
+        parts["cold_items"].append(rank_metrics(top, targets, ks, target_mask=cold_t))
+    if not len(split):  # the metric names of an empty result
+        empty = torch.zeros(0, 1, dtype=torch.long)
+        return {sl: rank_metrics(topk, empty, ks) for sl in ITEM_SLICES}
+    return {sl: {m: torch.cat([p[m] for p in ps]) for m in ps[0]} for sl, ps in parts.items()}
 
 
 def per_user_frame(per_slice: dict[str, dict[str, Tensor]], user_idx) -> pd.DataFrame:
@@ -98,6 +113,7 @@ def evaluate_split(
     ks: list[int],
     segments: bool = True,
     per_slice: dict[str, dict[str, Tensor]] | None = None,
+    chunk_users: int = CHUNK_USERS,
 ) -> dict[str, dict[str, float]]:
     """Metrics of one ranking result, by slice.
 
@@ -109,6 +125,7 @@ def evaluate_split(
         ks: cut-offs.
         segments: add history-length, lifecycle and RFM user slices.
         per_slice: :func:`item_slices_per_user` of this result, when the caller already has it.
+        chunk_users: users whose targets are cut at once (the result does not depend on it).
 
     Returns:
         ``{slice: {metric@k: value, "users": n}}`` with slices ``all``, ``warm_items``,
@@ -118,7 +135,7 @@ def evaluate_split(
     """
     topk = topk.cpu()
     if per_slice is None:
-        per_slice = item_slices_per_user(topk, split, is_cold, ks)
+        per_slice = item_slices_per_user(topk, split, is_cold, ks, chunk_users)
     out: dict[str, dict[str, float]] = {sl: {**aggregate(v), **intervals(v, ks)} for sl, v in per_slice.items()}
     per_user = per_slice["all"]
     n_items = len(is_cold)
@@ -147,7 +164,7 @@ def evaluate_split(
 
 
 def score_split(
-    topk: Tensor, split, features: ItemFeatures, ks: list[int], segments: bool = True
+    topk: Tensor, split, features: ItemFeatures, ks: list[int], segments: bool = True, chunk_users: int = CHUNK_USERS
 ) -> tuple[dict[str, dict[str, float]], pd.DataFrame]:
     """Metrics of one ranking of ``split`` by slice (:func:`evaluate_split`), and each user's values.
 
@@ -156,10 +173,11 @@ def score_split(
 
     Returns:
         ``(results, per_user)``: ``{slice: {metric@k: value}}`` and :func:`per_user_frame` of the item
-        slices. With images, ``all`` also has ``image_diversity@k``: one minus the mean cosine between
-        the image features (:func:`~towerrec.data.features.image_features`) of the top-k items.
+        slices. The split's targets are read ``chunk_users`` users at a time. With images, ``all``
+        also has ``image_diversity@k``: one minus the mean cosine between the image features
+        (:func:`~towerrec.data.features.image_features`) of the top-k items.
     """
-    per_slice = item_slices_per_user(topk, split, features.is_cold, ks)
+    per_slice = item_slices_per_user(topk, split, features.is_cold, ks, chunk_users)
     results = evaluate_split(topk, split, features.is_cold, features.train_users, ks, segments, per_slice)
     if features.has_image.any() and len(topk):
         # Beyond accuracy: how different the recommended items look (8x8 thumbnails, colour histograms).

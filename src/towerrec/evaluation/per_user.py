@@ -36,8 +36,11 @@ def per_user_name(split: str) -> str:
     return f"{split}_per_user.parquet"
 
 
-def write_per_user(frame: pd.DataFrame, path: str | Path, model: str, split: str, data: dict) -> Path:
-    """Write ``frame`` to ``path`` with its identity in the parquet metadata.
+def write_per_user(
+    frame: pd.DataFrame, path: str | Path, model: str, split: str, data: dict, chunk_rows: int = 1 << 18
+) -> Path:
+    """Write ``frame`` to ``path`` with its identity in the parquet metadata, ``chunk_rows`` rows at a
+    time (one row group each: the Arrow copy never holds more than one chunk).
 
     Args:
         frame: ``user_idx`` and ``<slice>/<metric>@k`` columns (:func:`~towerrec.evaluation.evaluator.per_user_frame`).
@@ -45,11 +48,13 @@ def write_per_user(frame: pd.DataFrame, path: str | Path, model: str, split: str
         split: ``val`` or ``test``.
         data: at least the processed data's ``name`` and ``config_hash``.
     """
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
     meta = {"model": model, "split": split, "data": {"name": data["name"], "config_hash": data["config_hash"]}}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()})
+    schema = schema.with_metadata({**(schema.metadata or {}), _META_KEY: json.dumps(meta).encode()})
     path = Path(path)
-    pq.write_table(table, path)
+    with pq.ParquetWriter(path, schema) as out:
+        for lo in range(0, max(len(frame), 1), chunk_rows):
+            out.write_table(pa.Table.from_pandas(frame.iloc[lo : lo + chunk_rows], schema=schema, preserve_index=False))
     return path
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from towerrec.models.components.item_tower import ItemTower
 from towerrec.models.components.loss import SampledSoftmaxLoss
-from towerrec.ranking import aggregate, rank_metrics, score_topk, seen_pairs
+from towerrec.ranking import aggregate, chunk_rows, rank_metrics, score_topk, seen_pairs
 
 
 class TwoTowerModule(L.LightningModule):
@@ -69,7 +69,6 @@ class TwoTowerModule(L.LightningModule):
         self.monitor_k = monitor_k
         self.register_buffer("item_freq", None, persistent=False)
         self._eval_emb: Tensor | None = None
-        self._test_metrics: list[dict[str, Tensor]] = []
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict) -> TwoTowerModule:
@@ -156,6 +155,7 @@ class TwoTowerModule(L.LightningModule):
         seen: Tensor | None = None,
         item_emb: Tensor | None = None,
         chunk_size: int = 1024,
+        score_rows: int | None = None,
     ) -> Tensor:
         """Top-k items over the whole catalogue for ``(U, L)`` left-padded histories: the one ranking path.
 
@@ -168,7 +168,8 @@ class TwoTowerModule(L.LightningModule):
             k: items per user.
             seen: ``(U, S)`` right-padded items masked per user (already bought), or None.
             item_emb: ``(N+1, D')`` item vectors, when the caller has them (eval mode, no ID dropout).
-            chunk_size: users embedded at once; scores go in chunks sized from a memory budget
+            chunk_size: users embedded at once.
+            score_rows: users scored at once; ``None`` sizes the chunks from a memory budget
                 (:func:`~towerrec.ranking.chunk_rows`).
 
         Returns:
@@ -184,7 +185,37 @@ class TwoTowerModule(L.LightningModule):
                 for i in range(0, len(history), chunk_size)
             ]
         )  # (U, D')
-        return score_topk(users, item_emb, k, seen=seen_pairs(seen))
+        return score_topk(users, item_emb, k, seen=seen_pairs(seen), chunk_size=score_rows)
+
+    @torch.no_grad()
+    def rank_split(self, split, k: int, chunk_users: int = 65536, chunk_size: int = 1024) -> Tensor:
+        """Top-k items for every user of an evaluation split, about ``chunk_users`` users at a time.
+
+        Each chunk's histories (and seen items) are cut from the split's memory-mapped sequences and
+        ranked by :meth:`rank`; only the ``(U, k)`` result grows with the users. Users are embedded and
+        scored in groups of ``chunk_size`` rows (fewer when one group's scores would pass
+        :func:`~towerrec.ranking.chunk_rows`' budget) counted from the split's first user, and chunks are
+        whole groups, so every matrix product sees the same rows whatever ``chunk_users`` is: the
+        result does not depend on it, to the bit.
+
+        Args:
+            split: an :class:`~towerrec.data.datamodule.EvalSplit` (its ``history`` and ``seen`` rows).
+            k: items per user.
+            chunk_users: users cut and ranked at once (rounded up to whole groups).
+            chunk_size: users embedded and scored at once.
+
+        Returns:
+            ``(U, k)`` long item indices on the CPU, best first.
+        """
+        item_emb = self.item_tower.embed_all()
+        group = max(1, min(chunk_size, chunk_rows(item_emb.shape[0])))
+        step = -(-max(chunk_users, 1) // group) * group
+        parts = [
+            self.rank(split.history[i : i + step], k, seen=None if split.seen is None else split.seen[i : i + step],
+                      item_emb=item_emb, chunk_size=group, score_rows=group).cpu()
+            for i in range(0, len(split), step)
+        ]
+        return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.long)
 
     def _eval_metrics(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         topk = self.rank(batch["history"], max(self.ks), seen=batch.get("seen"), item_emb=self._eval_emb)
@@ -197,22 +228,6 @@ class TwoTowerModule(L.LightningModule):
         for name, value in aggregate(self._eval_metrics(batch)).items():
             if name != "users":
                 self.log(f"val/{name}", value, batch_size=len(batch["targets"]), sync_dist=True)
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_emb = self.item_tower.embed_all()
-        self._test_metrics = []
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._test_metrics.append(self._eval_metrics(batch))
-
-    def on_test_epoch_end(self) -> None:
-        """Log ``test/<metric>@k`` over all test users (``trainer.test`` returns them). The slices
-        (warm and cold items, segments) come from :func:`towerrec.evaluation.evaluator.score_split`."""
-        per_user = {name: torch.cat([m[name] for m in self._test_metrics]) for name in self._test_metrics[0]}
-        for name, value in aggregate(per_user).items():
-            if name != "users":
-                self.log(f"test/{name}", value)
-        self._test_metrics = []
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):

@@ -18,19 +18,25 @@ manifest's ``customer_data`` says whether an export holds customer data.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import platform
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 import towerrec
 from towerrec.data.datamodule import SequenceDataModule
+from towerrec.data.sequences import SPLIT_CODES, Sequences, distinct_pairs, last_items
 from towerrec.fileio import atomic_folder, file_sha256, folder_files
 from towerrec.models.checkpoint import load_trained
 from towerrec.models.two_tower import TwoTowerModule
@@ -253,18 +259,24 @@ class CustomerExport:
     built: BuiltIndex
     table: pd.DataFrame  # user_idx, customer_id, n_purchases, segments; row r = vectors[r]
     vectors: np.ndarray  # (C, D) unit-norm user-tower embeddings
-    purchases: pd.DataFrame  # distinct (user_idx, item_idx) up to the cut-off
+    purchases: Callable[[], Iterator[pd.DataFrame]]  # chunks of distinct (user_idx, item_idx) up to the cut-off
     info: dict  # manifest["customers"], before the file hashes
 
     def write(self, folder: Path) -> dict:
-        """Write the customer files into ``folder``; returns ``manifest["customers"]`` with their hashes."""
+        """Write the customer files into ``folder``; returns ``manifest["customers"]`` with their hashes.
+
+        The purchases are written chunk by chunk (one parquet row group each), never held whole.
+        """
         index = self.built.index
         if self.built.device == "gpu":
             index = faiss.index_gpu_to_cpu(index)
         faiss.write_index(index, str(folder / CUSTOMER_INDEX_FILE))
         self.table.to_parquet(folder / CUSTOMERS_FILE, index=False)
         np.save(folder / CUSTOMER_EMBEDDINGS_FILE, self.vectors)
-        self.purchases.to_parquet(folder / PURCHASES_FILE, index=False)
+        schema = pa.schema([("user_idx", pa.int64()), ("item_idx", pa.int64())])
+        with pq.ParquetWriter(folder / PURCHASES_FILE, schema) as out:
+            for chunk in self.purchases():
+                out.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
         return {**self.info, "files": folder_files(folder, list(CUSTOMER_FILES))}
 
 
@@ -298,6 +310,27 @@ def customer_table(users: pd.DataFrame, n_purchases: np.ndarray) -> pd.DataFrame
     return out
 
 
+def _purchase_chunks(seq: Sequences, user_idx: np.ndarray, chunk_users: int) -> Iterator[pd.DataFrame]:
+    """Distinct ``(user_idx, item_idx)`` pairs of ``user_idx``'s whole sequences, in order of first
+    purchase within each user, ``chunk_users`` users at a time (read from the memory maps)."""
+    start, end = seq.start(), seq.end_of(tuple(SPLIT_CODES))
+    for c in range(0, len(user_idx), chunk_users):
+        u = user_idx[c : c + chunk_users]
+        row, item = distinct_pairs(seq.items, start[u], end[u])
+        yield pd.DataFrame({"user_idx": u[row].astype(np.int64), "item_idx": item})
+
+
+def _latest_timestamp(processed_dir: Path) -> str | None:
+    """The latest interaction's time (the data's cut-off), streamed from ``interactions.parquet``."""
+    latest = None
+    pf = pq.ParquetFile(Path(processed_dir) / "interactions.parquet")
+    for batch in pf.iter_batches(batch_size=1 << 20, columns=["timestamp"]):
+        top = pc.max(batch.column(0)).as_py()
+        if top is not None and (latest is None or top > latest):
+            latest = top
+    return str(pd.Timestamp(latest)) if latest is not None else None
+
+
 @torch.no_grad()
 def export_customers(
     model: TwoTowerModule,
@@ -309,23 +342,34 @@ def export_customers(
     n_queries: int,
     seed: int,
     chunk_size: int = 1024,
+    chunk_users: int = 65536,
 ) -> CustomerExport:
     """Embed every customer with a purchase from their whole history (every split: up to the data's
     cut-off) through :meth:`TwoTowerModule.user_embeddings`, the function validation ranks with, and
-    build ``spec`` over them; recall@k against exact search for item queries (the audience query)."""
-    inter = dm.interactions
+    build ``spec`` over them; recall@k against exact search for item queries (the audience query).
+
+    Histories are cut from the memory-mapped sequences ``chunk_users`` customers at a time, and the
+    past purchases are written the same way (:class:`CustomerExport`): only the ``(C, D)`` vectors
+    (which the index is built over) and per-customer columns are held whole.
+    """
+    seq = dm.sequences
+    start, end = seq.start(), seq.end_of(tuple(SPLIT_CODES))
     users = dm.users.sort_values("user_idx")
-    n_purchases = np.bincount(inter["user_idx"].to_numpy(), minlength=int(users["user_idx"].max()) + 1)
-    n_purchases = n_purchases[users["user_idx"].to_numpy()]
+    all_idx = users["user_idx"].to_numpy().astype(np.int64)
+    n_purchases = np.zeros(len(all_idx), dtype=np.int64)
+    known = all_idx <= seq.n_users
+    n_purchases[known] = np.asarray(end)[all_idx[known]] - np.asarray(start)[all_idx[known]]
     users, n_purchases = users[n_purchases > 0], n_purchases[n_purchases > 0]
     user_idx = users["user_idx"].to_numpy().astype(np.int64)
     t0 = time.perf_counter()
-    history = torch.from_numpy(customer_histories(inter, user_idx, int(dm.max_history)))
-    parts = [
-        model.user_embeddings(history[i : i + chunk_size].to(item_emb.device), item_emb).float().cpu()
-        for i in range(0, len(history), chunk_size)
-    ]
-    vectors = normalized(torch.cat(parts).numpy() if parts else np.zeros((0, item_emb.shape[1]), np.float32))
+    vectors = np.zeros((len(user_idx), item_emb.shape[1]), dtype=np.float32)
+    for c in range(0, len(user_idx), chunk_users):
+        u = user_idx[c : c + chunk_users]
+        history = torch.from_numpy(last_items(seq.items, start[u], end[u], int(dm.max_history)))
+        for i in range(0, len(u), chunk_size):
+            emb = model.user_embeddings(history[i : i + chunk_size].to(item_emb.device), item_emb)
+            vectors[c + i : c + i + len(emb)] = emb.float().cpu().numpy()
+    vectors = normalized(vectors)
     embed_seconds = time.perf_counter() - t0
     built = build_index(spec, vectors, user_idx, keep_on_device=True)
     k = min(recall_k, len(vectors))
@@ -337,7 +381,7 @@ def export_customers(
         "count": len(vectors),
         "without_history": int((dm.users["user_idx"].nunique()) - len(vectors)),
         "history": "every purchase up to the data's cut-off (all splits), the last max_history of them",
-        "cutoff": str(inter["timestamp"].max()) if len(inter) else None,
+        "cutoff": _latest_timestamp(dm.processed_dir) if len(vectors) else None,
         "factory": built.factory,
         "metric": METRIC_NAME,
         "search_params": built.spec.search_params,
@@ -353,7 +397,7 @@ def export_customers(
         },
         "segments": "as prepared (users.parquet): RFM and lifecycle from the training window",
     }
-    purchases = inter[["user_idx", "item_idx"]].drop_duplicates().reset_index(drop=True)
+    purchases = functools.partial(_purchase_chunks, seq, user_idx, chunk_users)
     return CustomerExport(built, customer_table(users, n_purchases), vectors, purchases, info)
 
 
@@ -406,6 +450,7 @@ def export_index(
         raise ExportError(f"{out} already exists; pass overwrite=true to replace it")
     t_start = time.perf_counter()
     model, dm = load_trained(ckpt_path, processed_dir=processed_dir, device=device, force=force)
+    log.info("loaded %s and its data (%d users) in %.1fs", ckpt_path.name, dm.sequences.n_users, time.perf_counter() - t_start)
     items = item_table(dm.items)
     n = len(items)
     if not np.array_equal(items["item_idx"].to_numpy(), np.arange(1, n + 1)):
@@ -417,6 +462,7 @@ def export_index(
     vectors = normalized(item_emb[1:].float().cpu().numpy())  # (N, D)
     ids = items["item_idx"].to_numpy()
     embed_seconds = time.perf_counter() - t0
+    log.info("embedded %d items in %.1fs", n, embed_seconds)
     # Built on a GPU where one is used, then tuned, checked and saved as the CPU index the loaders read.
     built = build_index(spec, vectors, ids)
     log.info("built %s over %d items in %.1fs on %s", built.factory, n, built.build_seconds, built.device)
