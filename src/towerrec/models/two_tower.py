@@ -98,8 +98,8 @@ class TwoTowerModule(L.LightningModule):
             self.attach_features(dm.model_features)
         if torch.are_deterministic_algorithms_enabled():
             # Deterministic mode also fills every new tensor with NaN, a check for reads of memory never
-            # written, which no op here makes: hundreds of fills a step, about a sixth of a CPU
-            # step's time in torch.profiler. The algorithms stay the deterministic ones.
+            # written, which no op here makes: hundreds of fills a step, 5 to 7% of a quick-start step's
+            # CPU time at one thread. The algorithms stay the deterministic ones.
             torch.utils.deterministic.fill_uninitialized_memory = False
 
     # ------------------------------------------------------------------ forward
