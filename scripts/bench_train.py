@@ -10,8 +10,10 @@ once per item on the first step, shown as "first step s").
 
 Floor: in the same run, the same model's forward and backward (and optimiser step) on batches drawn
 once beforehand and kept as tensors, so the floor row leaves out everything but the modules' own
-work: cutting the windows from the memory-mapped sequences, the DataLoader and the per-step Python
-around them. "step / floor" is the ratio of the two rows' seconds per step.
+work: cutting the windows from the memory-mapped sequences, the DataLoader, the batch's distinct
+items (``TwoTowerModule.on_before_batch_transfer``) and the per-step Python around them.
+"step / floor" is the ratio of the two rows' seconds per step. Both apply the trainer config's
+``deterministic`` setting, as ``lightning.Trainer`` does (the CPU default: deterministic algorithms).
 
 Epoch: one ``trainer.fit`` with ``max_epochs=1`` (no callbacks, no logger, no checkpoints, no
 progress bar) and a timing hook, split into the training batches and the validation pass.
@@ -113,8 +115,11 @@ def time_steps(cfg: DictConfig, name: str, image: str, steps: int, warmup: int) 
     dm, model, _ = build(cfg)
     gpu = cfg.trainer.accelerator in ("gpu", "cuda")
     device = torch.device("cuda" if gpu else "cpu")
+    deterministic = cfg.trainer.get("deterministic")  # as lightning.Trainer applies it
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
     model.to(device)
     model.attach_features(dm.item_features)  # features follow the model's device
+    model.setup("fit")  # (no trainer: only the module's own torch settings)
     model.log = lambda *args, **kwargs: None  # no trainer attached: logging is a no-op here
     model.train()
     opt = model.configure_optimizers()
@@ -146,7 +151,9 @@ def time_steps(cfg: DictConfig, name: str, image: str, steps: int, warmup: int) 
 
     def step(i: int, prebuilt: dict | None = None) -> tuple[float, int, int]:
         t = time.perf_counter()
-        batch = prebuilt if prebuilt is not None else {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
+        if prebuilt is None:  # on the host, then to the device, as Lightning does it
+            prebuilt = {k: v.to(device, non_blocking=True) for k, v in model.on_before_batch_transfer(next(it), 0).items()}
+        batch = prebuilt
         data = time.perf_counter() - t
         with autocast:
             loss = model.training_step(batch, i)
@@ -191,7 +198,7 @@ def time_steps(cfg: DictConfig, name: str, image: str, steps: int, warmup: int) 
         threads=torch.get_num_threads(),
         load=load(),
     )
-    prebuilt = [{k: v.to(device) for k, v in next(it).items()} for _ in range(steps)]
+    prebuilt = [{k: v.to(device) for k, v in model.on_before_batch_transfer(next(it), 0).items()} for _ in range(steps)]
     sync()
     seqs = pos = 0
     t = time.perf_counter()
