@@ -36,6 +36,16 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
 
 
+def terminate(proc: subprocess.Popen, grace: float = 20) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL if it is still running after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Server:
     """A ``towerrec-serve`` subprocess; ``url`` once it answers ``/readyz``."""
 
@@ -71,12 +81,7 @@ class Server:
 
     def stop(self) -> None:
         self._reaper.cancel()
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
         self._log_file.close()
 
 

@@ -7,7 +7,6 @@ import threading
 import time
 
 import faiss
-import pytest
 
 from towerrec.retrieval import load_export
 from towerrec.retrieval.recommend import Recommender

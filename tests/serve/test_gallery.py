@@ -19,7 +19,7 @@ import pytest
 from conftest import HM_ROOT, TINY_TRAIN, compose_cfg, index_spec, needs_hm
 from PIL import Image
 
-from .conftest import Server
+from .conftest import Server, terminate
 
 BROWSER = next((b for b in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if b), None)
 needs_browser = pytest.mark.skipif(
@@ -248,12 +248,7 @@ class Chromium:
 
     def close(self) -> None:
         self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 @pytest.fixture
