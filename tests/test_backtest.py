@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -119,8 +118,11 @@ def test_audiences_on_every_fold_with_that_folds_model_pooled_over_fold_item_pai
     cfg = compose_cfg("eval", [*overrides, f"ckpt_path={run}", f"out_dir={tmp_path}"], tmp_path)
     pooled = evaluate(cfg)
     assert {"two_tower", "rfm", "category_affinity", "blend"} <= set(pooled)
-    out = json.loads((tmp_path / "audience.json").read_text())
-    folds = [json.loads((tmp_path / f"fold{f}" / "audience.json").read_text()) for f in (0, 1)]
+    record = read_results(tmp_path / "metrics.json")
+    assert record.kind == "audience" and set(record.models) == set(pooled)
+    out = record.header
+    folds = [read_results(tmp_path / f"fold{f}" / "metrics.json") for f in (0, 1)]
+    folds = [{**f.header, "models": {n: m.metrics for n, m in f.models.items()}} for f in folds]
     assert out["items"] == sum(f["items"] for f in folds) == pooled["two_tower"]["all"]["items"]
     frame = pd.read_parquet(tmp_path / "two_tower" / "audience_per_item.parquet")
     assert frame.groupby("fold").size().tolist() == [f["items"] for f in folds]

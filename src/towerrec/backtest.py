@@ -21,7 +21,6 @@ training + validation interactions and tested on its window.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -246,7 +245,7 @@ def audience_folds(cfg: DictConfig, evaluate_one: Callable[[DictConfig], dict]) 
 
     ``ckpt_path`` is the folder of a rolling ``towerrec-train`` run (it holds ``fold<f>/checkpoints/``,
     one model per fold, each trained on that fold's past only), or None for the baselines alone. Each
-    fold is an ordinary audience run in ``<out_dir>/fold<f>/``; the pooled ``audience.json``,
+    fold is an ordinary audience run in ``<out_dir>/fold<f>/``; the pooled results record (``metrics.json``),
     ``audience.md`` and paired tests (over the same (fold, item) pairs) are written into ``out_dir``.
     """
     from towerrec.evaluation.audience_task import write_audience
@@ -268,7 +267,8 @@ def audience_folds(cfg: DictConfig, evaluate_one: Callable[[DictConfig], dict]) 
                 fold_cfg.ckpt_path = str(ckpt)
         log.info("audience backtest: fold %d of %d", f, len(manifests))
         evaluate_one(fold_cfg)
-        fold_meta.append(json.loads((out / f"fold{f}" / "audience.json").read_text()))
+        record = read_results(out / f"fold{f}" / "metrics.json")
+        fold_meta.append({**record.header, "models": {n: m.metrics for n, m in record.models.items()}})
     names = list(fold_meta[0]["models"])
     frames = {
         name: pd.concat(

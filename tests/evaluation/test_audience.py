@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,6 +24,8 @@ from towerrec.evaluation.audience_task import (
     simplex_grid,
     summarize,
 )
+from towerrec.evaluation.report import load_results
+from towerrec.evaluation.results import read_results
 
 
 def test_metrics_against_a_hand_computed_case():
@@ -197,14 +198,25 @@ def test_eval_task_audience_end_to_end(tiny_ckpt, tmp_path):
     )
     results = evaluate(cfg)
     assert set(results) == {"two_tower", "rfm", "category_affinity", "customer_popularity", "random", "blend"}
-    out = json.loads((tmp_path / "audience.json").read_text())
+    record = read_results(tmp_path / "metrics.json")  # the one results record, kind audience
+    assert record.kind == "audience" and record.split == "test"
+    assert {n: m.role for n, m in record.models.items()} == {
+        "two_tower": "trained", "rfm": "baseline", "category_affinity": "baseline",
+        "customer_popularity": "baseline", "random": "baseline", "blend": "blend",
+    }
+    assert {n: m.metrics for n, m in record.models.items()} == results
+    out = record.header
     weights = out["blend"]["weights"]  # chosen on the validation window, over the model and two baselines
     assert set(weights) == {"two_tower", "category_affinity", "rfm"} and sum(weights.values()) == pytest.approx(1)
     grid = pd.DataFrame(out["blend"]["val_grid"])
     assert len(grid) == 15 and grid["val recall@100"].max() == pytest.approx(
         grid.set_index(["two_tower", "category_affinity", "rfm"]).loc[tuple(weights.values()), "val recall@100"]
     )
-    assert out["items"] > 0 and out["models"]["two_tower"]["all"]["items"] == out["items"]
+    assert out["items"] > 0 and results["two_tower"]["all"]["items"] == out["items"]
+    table = load_results(tmp_path)  # towerrec-compare's reader takes it: share cut-offs keep their label
+    assert set(table["k"]) == {10, 50, 100, "1%", "5%", "10%"}
+    row = table[(table["model"] == "two_tower") & (table["slice"] == "all") & (table["metric"] == "recall") & (table["k"] == 100)]
+    assert row["value"].item() == results["two_tower"]["all"]["recall@100"] and row["users"].item() == out["items"]
     frame = pd.read_parquet(tmp_path / "two_tower" / "audience_per_item.parquet")
     assert len(frame) == out["items"]
     assert (frame["all/recall@100"] <= 1).all() and (frame["all/precision@10"] >= 0).all()

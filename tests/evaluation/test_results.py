@@ -34,6 +34,8 @@ OLD_SHAPES = {
     "eval, several": {"models": {"popularity": SLICES, "random": SLICES}, "split": "test", "data": DATA},
     "backtest": {"test": SLICES, "val": {}, "folds": [{"fold": 0, "test": SLICES}], "seed": 0, "data": DATA},
     "reproduce": {"header": {"seeds": [0]}, "models": {"fusion": {"kind": "trained", "metrics": SLICES}}},
+    "audience (audience.json)": {"models": {"two_tower": {"all": {"items": 3, "recall@100": 0.5}}}, "paired": [],
+                                 "split": "test", "data": DATA, "items": 3, "cutoffs": {"100": 100}},
 }  # fmt: skip
 
 
@@ -99,7 +101,7 @@ def _record(**changes) -> dict:
         ("[1, 2]", "(a JSON list, not an object)"),
         (_record(format="other"), "(format 'other', expected 'towerrec.results')"),
         (_record(version=2), "(version 2)"),
-        (_record(kind="sweep"), "(results kind 'sweep' is not one of train, eval, backtest, reproduce)"),
+        (_record(kind="sweep"), "(results kind 'sweep' is not one of train, eval, backtest, reproduce, audience)"),
         (_record(models={"popularity": {"role": "oracle", "metrics": {}}}), "role 'oracle' is not one of"),
         (_record(models={"popularity": {"metrics": {}}}), "(models.popularity.role missing or not a str)"),
         (_record(models={"popularity": {"role": "baseline", "metrics": {}, "extra": 1}}), "models.popularity is not"),

@@ -602,15 +602,16 @@ def _fit_blend(cfg, dm, scorers: dict[str, AudienceScorer]) -> tuple[BlendAudien
 
 
 def write_audience(out, frames: dict[str, pd.DataFrame], meta: dict, t, title: str) -> dict:
-    """Write ``audience.json``, ``audience.md``, ``audience_paired.csv`` and each scorer's
-    ``<name>/audience_per_item.parquet`` into ``out``; print the table.
+    """Write the results record (``metrics.json``, kind ``audience``: each scorer's slices, and in its
+    ``header`` the task, the paired tests and the blend), ``audience.md``, ``audience_paired.csv`` and
+    each scorer's ``<name>/audience_per_item.parquet`` into ``out``; print the table.
 
     Returns:
         ``{scorer: {slice: {"items": n, metric@K: mean}}}``.
     """
     from pathlib import Path
 
-    from towerrec.fileio import write_json
+    from towerrec.evaluation.results import ModelResult, Results, role_of
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -622,7 +623,15 @@ def write_audience(out, frames: dict[str, pd.DataFrame], meta: dict, t, title: s
     shown = [f"{m}@{label}" for label in t.print_cuts for m in ("precision", "recall")]
     paired = paired_tests(frames, reference, shown, seed=int(t.seed)) if len(frames) > 1 else pd.DataFrame()
     paired.to_csv(out / "audience_paired.csv", index=False)
-    write_json(out / "audience.json", {"models": results, "paired": paired.to_dict("records"), **meta})
+    header = {k: v for k, v in meta.items() if k not in ("split", "data")}
+    record = Results(
+        "audience",
+        meta["split"],
+        meta["data"],
+        {name: ModelResult(role_of(name), values) for name, values in results.items()},
+        header={**header, "paired": paired.to_dict("records")},
+    )
+    record.write(out / "metrics.json")
     table = format_audience_table(results, shown)
     p_cols = ["a", "b", "slice", "metric", "items", "mean_diff", "lo", "hi", "p_value", "verdict"]
     p_table = (
@@ -634,7 +643,7 @@ def write_audience(out, frames: dict[str, pd.DataFrame], meta: dict, t, title: s
     )
     print(
         f"{title}\nK: {meta['cutoffs']}{blend}\n{table}\n\npaired over items ({reference} - other):\n{p_table}\n"
-        f"metrics: {out / 'audience.json'}"
+        f"metrics: {out / 'metrics.json'}"
     )
     return results
 

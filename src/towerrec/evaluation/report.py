@@ -310,9 +310,10 @@ def results_table(record: Results) -> pd.DataFrame:
                         "model": name,
                         "kind": kind,
                         "slice": sl,
-                        "users": values.get("users"),
+                        # an audience record's units are items, and its cut-offs may be shares ("5%")
+                        "users": values.get("users", values.get("items")),
                         "metric": metric,
-                        "k": int(k),
+                        "k": int(k) if k.isdigit() else k,
                         "value": math.nan if value is None else value,
                         "std": math.nan if std is None else std,
                     }

@@ -1,11 +1,13 @@
-"""The one results record: what ``towerrec-train``, ``towerrec-eval``, a rolling backtest and
-``towerrec-reproduce`` write (``metrics.json``; ``reproduce.json``) and what every reader reads.
+"""The one results record: what ``towerrec-train``, ``towerrec-eval`` (ranking and ``task=audience``), a
+rolling backtest and ``towerrec-reproduce`` write (``metrics.json``; ``reproduce.json``) and what every
+reader reads.
 
 A record is a :class:`Results`: its ``kind`` (which command wrote it), the split it scored, the data it
 scored (name, config hash, split settings) and one :class:`ModelResult` per scorer, each a role
 (``trained`` or ``baseline``) and ``{slice: {metric@k: value}}``. What only some kinds have sits in
 named fields: ``val`` and ``run`` (a training run's selection), ``folds`` (a backtest's folds),
-``header`` (a reproduction's data hash, commit and timings). The file also holds ``format`` and
+``header`` (a reproduction's data hash, commit and timings; an audience run's task, cut-offs, paired
+tests and blend). The file also holds ``format`` and
 ``version``; :func:`read_results` refuses any other file, including the shapes written before this
 record existed, in one line that names the file.
 
@@ -25,9 +27,9 @@ Slices = dict[str, dict[str, float | None]]
 FORMAT = "towerrec.results"
 VERSION = 1
 #: Which command wrote a record.
-KINDS = ("train", "eval", "backtest", "reproduce")
-#: What a scorer is: a trained two-tower model, or a baseline.
-ROLES = ("trained", "baseline")
+KINDS = ("train", "eval", "backtest", "reproduce", "audience")
+#: What a scorer is: a trained two-tower model, a baseline, or a blend of the model with baselines.
+ROLES = ("trained", "baseline", "blend")
 #: The name of a trained model's scores in a train or backtest record.
 TRAINED = "two_tower"
 
@@ -60,14 +62,15 @@ class Results:
     """A results record (see the module docstring).
 
     Args:
-        kind: ``train``, ``eval``, ``backtest`` or ``reproduce``.
+        kind: ``train``, ``eval``, ``backtest``, ``reproduce`` or ``audience``.
         split: the split scored: ``test`` or ``val``.
         data: the data scored: ``name``, ``config_hash`` and, where known, ``split`` (the split settings).
         models: scorer name -> its results.
         val: a training run's best validation value(s), ``{"best_<metric>": value}``.
         run: a training run's ``best_checkpoint``, ``best_epoch``, ``seed`` and ``refit``.
         folds: a backtest's folds, oldest first: ``fold``, ``dir`` and each scorer's slices in ``models``.
-        header: a reproduction's header (data fingerprint, commit, timings, seeds, comparison).
+        header: a reproduction's header (data fingerprint, commit, timings, seeds, comparison); an
+            audience run's task (customers, items, cut-offs, paired tests, blend weights, folds).
     """
 
     kind: str
@@ -103,9 +106,14 @@ class Results:
         return write_json(path, self.as_dict())
 
 
+#: The name of the model-and-baselines blend of an audience record.
+BLEND = "blend"
+
+
 def role_of(name: str) -> str:
-    """The role of a scorer of towerrec-train or towerrec-eval: ``two_tower`` is trained, others baselines."""
-    return "trained" if name == TRAINED else "baseline"
+    """The role of a scorer of towerrec-train or towerrec-eval: ``two_tower`` is trained, ``blend`` a
+    blend, others baselines."""
+    return "trained" if name == TRAINED else "blend" if name == BLEND else "baseline"
 
 
 def single(kind: str, split: str, data: dict, name: str, metrics: Slices, **fields) -> Results:
