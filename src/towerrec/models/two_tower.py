@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from towerrec.models.components.dropout import set_dropout_mask
 from towerrec.models.components.item_tower import ItemTower
 from towerrec.models.components.loss import SampledSoftmaxLoss
 from towerrec.ranking import aggregate, chunk_rows, rank_metrics, score_topk, seen_pairs
@@ -31,6 +32,8 @@ class TwoTowerModule(L.LightningModule):
         meta: the data sizes the components were built for (recorded with the hyperparameters).
         id_dropout_side: ``"both"`` drops an item's ID for its history and candidate uses alike (one
             draw per batch); ``"candidates"`` keeps history IDs and drops only on the scored side.
+        dropout_mask: ``"torch"`` or ``"bits"``, the mask of every dropout in the towers on the CPU
+            (:mod:`towerrec.models.components.dropout`: ``bits`` is cheaper, and draws other masks).
 
     A module built by :meth:`from_config` records its resolved config in ``hparams["config"]``;
     Lightning saves it with every checkpoint, so a checkpoint of ``towerrec-train`` or of any
@@ -49,6 +52,7 @@ class TwoTowerModule(L.LightningModule):
         dim: int | None = None,
         meta: dict | None = None,
         id_dropout_side: str = "both",
+        dropout_mask: str = "torch",
     ) -> None:
         super().__init__()
         if id_dropout_side not in ("both", "candidates"):
@@ -64,6 +68,7 @@ class TwoTowerModule(L.LightningModule):
         self.scheduler = scheduler
         self.item_tower = item_tower
         self.user_tower = user_tower
+        set_dropout_mask(self, dropout_mask)
         self.loss_fn = loss
         self.ks = sorted(int(k) for k in ks)
         self.monitor_k = monitor_k

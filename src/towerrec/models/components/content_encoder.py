@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from towerrec.models.components.dropout import Dropout
+
 
 class ContentEncoder(nn.Module):
     """Embeds categorical fields and hashed text tokens, projects them to ``out_dim``.
@@ -36,7 +38,7 @@ class ContentEncoder(nn.Module):
         if in_dim == 0:
             raise ValueError("ContentEncoder: the data has no categorical, text or sentence features")
         self.sentence_dim = sentence_dim
-        self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
+        self.proj = nn.Sequential(Dropout(dropout), nn.Linear(in_dim, out_dim))
         self.out_dim = out_dim
         # A category value or token seen only on never-bought items is never trained: a small init
         # (e.g. 0.01) keeps it from adding N(0, 1) noise to a cold item's embedding.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from towerrec.models.components.dropout import Dropout
+
 
 class ConcatMLPFusion(nn.Module):
     """Concatenate the parts, then a two-layer MLP.
@@ -20,7 +22,7 @@ class ConcatMLPFusion(nn.Module):
     def __init__(self, in_dim: int, n_inputs: int, out_dim: int, hidden: int = 128, dropout: float = 0.1) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim * n_inputs, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+            nn.Linear(in_dim * n_inputs, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, out_dim)
         )
 
     def forward(self, parts: list[Tensor]) -> Tensor:

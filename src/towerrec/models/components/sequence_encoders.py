@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from towerrec.models.components.dropout import Dropout, dropout
+
 # A large finite negative rather than -inf: a fully masked (padding) row then gives a uniform
 # softmax instead of NaN, and it stays finite in half precision.
 _NEG = -1e4
@@ -23,17 +25,24 @@ class _Block(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
+        self.dropout_mask = "torch"  # of the attention weights (see towerrec.models.components.dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
-        self.drop = nn.Dropout(dropout)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.drop = Dropout(dropout)
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         b, length, d = h.shape
         q, k, v = self.qkv(self.norm1(h)).view(b, length, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout and self.dropout_mask != "torch" and h.device.type == "cpu":
+            # SDPA's attention dropout draws torch's mask: the same attention written out, with the
+            # other mask on the attention weights.
+            w = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + mask, dim=-1)
+            a = dropout(w, self.dropout, mask=self.dropout_mask) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(b, length, d)))  # (B, L, D)
         return h + self.drop(self.ff(self.norm2(h)))
 
@@ -58,7 +67,7 @@ class CausalTransformerEncoder(nn.Module):
         nn.init.normal_(self.pos.weight, std=0.02)
         self.scale = dim**0.5
         self.blocks = nn.ModuleList(_Block(dim, num_heads, dropout) for _ in range(num_layers))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
