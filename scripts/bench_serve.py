@@ -123,7 +123,7 @@ def tiny_checkpoint(root: Path, dim: int) -> Path:
     ]  # fmt: skip
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    return Path(train(cfg)["best_checkpoint"])
+    return Path(train(cfg).run["best_checkpoint"])
 
 
 # ---------------------------------------------------------------------- load
@@ -290,22 +290,15 @@ def phase(server_pid: int, coro) -> dict:
     return result
 
 
-def in_process(index, kind: str, queries: list, time_limit: float) -> dict:
-    """The same queries through the Python API, one thread."""
+def in_process(answer, queries: list, time_limit: float) -> dict:
+    """The same queries through the Python API (``answer(query)``), one thread."""
     latencies, deadline = [], time.perf_counter() + time_limit
-    if kind != "similar":
-        from towerrec.retrieval.recommend import Recommender
-
-        recommender = Recommender(index)
     t0 = time.perf_counter()
     for q in queries:
         if time.perf_counter() > deadline:
             break
         t = time.perf_counter()
-        if kind == "similar":
-            index.similar_items(q["item_id"], k=q["k"])
-        else:
-            recommender.recommend(q["history"], k=q["k"])
+        answer(q)
         latencies.append(time.perf_counter() - t)
     return {"done": len(latencies), "errors": 0, "wall": time.perf_counter() - t0, "latencies": latencies}
 
@@ -453,8 +446,8 @@ def main(argv: list[str] | None = None) -> None:
 
     recommender = Recommender(index)
     set_threads(args.threads)
-    local_sim = in_process(index, "similar", similar_q, args.time_limit)
-    local_rec = in_process(recommender, "recommend", recommend_q, args.time_limit)
+    local_sim = in_process(lambda q: index.similar_items(q["item_id"], k=q["k"]), similar_q, args.time_limit)
+    local_rec = in_process(lambda q: recommender.recommend(q["history"], k=q["k"]), recommend_q, args.time_limit)
 
     for path, http, local in (("similar", http_sim, local_sim), ("recommend", http_rec, local_rec)):
         r_http, r_local = (
