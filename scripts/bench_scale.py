@@ -148,7 +148,8 @@ def child_train(size: str, root: Path, args) -> dict:
     if args.eval_users and len(split) > args.eval_users:
         rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[: args.eval_users].sort().values
     t = time.perf_counter()
-    topk = model.rank(split.history[rows], 20, chunk_size=dm.eval_batch_size)
+    with torch.no_grad():  # as validation runs (without it autograd kept every chunk's user-tower graph)
+        topk = model.rank(split.history[rows], 20, chunk_size=dm.eval_batch_size)
     ndcg = aggregate(rank_metrics(topk, split.targets[rows], [20]))["ndcg@20"]
     eval_s = time.perf_counter() - t
     stages.append(("evaluation", round(_rss_mb()), round(_peak_mb())))
