@@ -80,3 +80,20 @@ def test_written_out_attention_is_sdpas_attention(monkeypatch):
     monkeypatch.setattr(sequence_encoders, "dropout", lambda w, p, mask: calls.append(mask) or w)
     torch.testing.assert_close(encoder(x, pad), reference)
     assert calls == ["bits", "bits"]  # the written-out path ran, once per block
+
+
+def test_step_seed_gives_each_rank_its_own_stream_and_rank_0_the_one_process_one():
+    """DDP ranks draw their own dropout masks and negatives; one process keeps the stream it always had."""
+    from types import SimpleNamespace
+
+    from towerrec.models.callbacks import StepSeed
+
+    def draw(step: int, rank: int) -> torch.Tensor:
+        StepSeed(seed=42).on_train_batch_start(SimpleNamespace(global_step=step, global_rank=rank), None, None, 0)
+        return torch.rand(4)
+
+    torch.manual_seed((42 * 1_000_003 + 7) % 2**32)
+    expected = torch.rand(4)
+    assert torch.equal(draw(7, 0), expected)  # the formula of earlier versions: one-process runs repeat
+    assert torch.equal(draw(7, 1), draw(7, 1)) and not torch.equal(draw(7, 1), draw(7, 0))
+    assert not torch.equal(draw(8, 0), draw(7, 0))
