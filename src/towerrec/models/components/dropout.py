@@ -39,7 +39,7 @@ def dropout(x: Tensor, p: float, training: bool = True, mask: str = "torch") -> 
 
 
 class Dropout(nn.Module):
-    """``torch.nn.Dropout`` with the mask of :func:`dropout` (``mask``, set by :func:`set_dropout_mask`)."""
+    """``torch.nn.Dropout`` with the mask of :func:`dropout` (``dropout_mask``, set by :func:`set_dropout_mask`)."""
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
