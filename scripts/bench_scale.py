@@ -149,8 +149,16 @@ def child_train(size: str, root: Path, args) -> dict:
         rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[: args.eval_users].sort().values
     t = time.perf_counter()
     with torch.no_grad():  # as validation runs (without it autograd kept every chunk's user-tower graph)
-        topk = model.rank(split.history[rows], 20, chunk_size=dm.eval_batch_size)
-    ndcg = aggregate(rank_metrics(topk, split.targets[rows], [20]))["ndcg@20"]
+        if len(rows) == len(split):  # every user: the evaluation's own path, histories cut in chunks
+            topk = model.rank_split(split, 20, chunk_size=dm.eval_batch_size)
+        else:
+            topk = model.rank(split.history[rows], 20, chunk_size=dm.eval_batch_size)
+    # The metrics a chunk of users at a time, as the evaluator computes them ((U, k, T) comparisons).
+    chunk = 65_536
+    ndcg = aggregate({"ndcg@20": torch.cat([
+        rank_metrics(topk[lo : lo + chunk], split.targets[rows[lo : lo + chunk]], [20])["ndcg@20"]
+        for lo in range(0, len(rows), chunk)
+    ])})["ndcg@20"]  # fmt: skip
     eval_s = time.perf_counter() - t
     stages.append(("evaluation", round(_rss_mb()), round(_peak_mb())))
 

@@ -14,14 +14,17 @@ import json
 import math
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 _BLOCK = 1 << 20
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 def sha256_of(blocks: Iterable[bytes | memoryview]) -> str:
@@ -165,3 +168,16 @@ def markdown_table(
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     df = df.astype(object).where(df.notna(), None)  # tabulate writes None as ``missing``, NaN as "nan"
     return df.to_markdown(index=False, floatfmt=floatfmt, missingval=missing, disable_numparse=not numparse)
+
+
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of one ``.npy`` file, safe to call from several threads at once.
+
+    ``np.load`` parses the file's header with ``ast.literal_eval``, and CPython 3.11's compiler is not
+    safe for two threads at once: a server thread reloading an export while another thread loaded one
+    failed with ``SystemError: AST constructor recursion depth mismatch``. Headers are read here under
+    one process-wide lock, as a memory map; without ``mmap_mode`` the data is then read outside it.
+    """
+    with _NPY_HEADER_LOCK:
+        array = np.load(path, mmap_mode=mmap_mode or "r")
+    return array if mmap_mode else np.array(array)

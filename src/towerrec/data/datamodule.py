@@ -21,6 +21,7 @@ from towerrec.data.schema import DataError
 from towerrec.data.sentence_features import load_sentence_features
 from towerrec.data.sequences import Sequences, distinct_items, first_items, last_items, load_sequences, ranges
 from towerrec.data.splits import EVAL_SPLITS, history_splits
+from towerrec.fileio import load_npy
 
 log = logging.getLogger(__name__)
 
@@ -384,8 +385,8 @@ class SequenceDataModule(L.LightningDataModule):
         self.item_features = ItemFeatures(
             images=torch.from_numpy(load_image_cache(d / "images.npy")),  # memory-mapped, not copied
             has_image=torch.from_numpy(np.r_[False, self.items["has_image"].to_numpy()]),
-            categorical=torch.from_numpy(np.load(d / "item_categorical.npy")),
-            text=torch.from_numpy(np.load(d / "item_text.npy")),
+            categorical=torch.from_numpy(load_npy(d / "item_categorical.npy")),
+            text=torch.from_numpy(load_npy(d / "item_text.npy")),
             is_cold=torch.from_numpy(cold),
             train_count=torch.from_numpy(count.astype(np.int64)),
             train_users=torch.from_numpy(np.r_[0, self.items["train_users"].to_numpy()].astype(np.int64)),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from towerrec.fileio import load_npy
+
 log = logging.getLogger(__name__)
 
 # Fashion photos sit on white; padding to a square keeps the garment's aspect ratio.
@@ -112,4 +114,4 @@ def build_image_cache(
 def load_image_cache(path: str | Path) -> np.ndarray:
     """Open ``images.npy`` memory-mapped, copy-on-write: pages are read from the file on demand and
     shared by every process that maps it; a write would stay private and never reach the file."""
-    return np.load(path, mmap_mode="c")
+    return load_npy(path, mmap_mode="c")

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from towerrec.data.schema import DataError
+from towerrec.fileio import load_npy
 
 #: Split name -> the code stored in ``seq_split.npy``.
 SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -166,10 +167,10 @@ def load_sequences(processed_dir: str | Path) -> Sequences:
     if missing:
         raise DataError(f"{d}: no {missing[0]} (written by an older towerrec-prepare); run towerrec-prepare force=true")
     return Sequences(
-        items=np.load(d / "seq_items.npy", mmap_mode="r"),
-        split=np.load(d / "seq_split.npy", mmap_mode="r"),
-        offsets=np.load(d / "seq_offsets.npy", mmap_mode="r"),
-        ends=np.load(d / "seq_split_ends.npy", mmap_mode="r"),
+        items=load_npy(d / "seq_items.npy", mmap_mode="r"),
+        split=load_npy(d / "seq_split.npy", mmap_mode="r"),
+        offsets=load_npy(d / "seq_offsets.npy", mmap_mode="r"),
+        ends=load_npy(d / "seq_split_ends.npy", mmap_mode="r"),
     )
 
 

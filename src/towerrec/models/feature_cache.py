@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from towerrec.fileio import sha256_of, text_sha256
+from towerrec.fileio import load_npy, sha256_of, text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def cached_features(folder: str | os.PathLike, name: str, key: dict, compute: Ca
             meta = json.loads(sidecar.read_text())
             if meta.get("key") == key:
                 log.info("%s: frozen features read from the cache %s", name, path)
-                return torch.from_numpy(np.load(path))
+                return torch.from_numpy(load_npy(path))
         t0 = time.perf_counter()
         values = compute().detach().float().cpu()
         seconds = time.perf_counter() - t0

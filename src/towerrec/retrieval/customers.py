@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from towerrec.fileio import file_sha256
+from towerrec.fileio import file_sha256, load_npy
 from towerrec.retrieval.folder import ExportError
 from towerrec.retrieval.index import METRIC, search, set_params
 from towerrec.retrieval.load import ItemIndex, load_export
@@ -401,7 +401,7 @@ def load_audiences(path: str | Path | ItemIndex, verify: bool = True) -> Audienc
             )
     index = faiss.read_index(str(root / CUSTOMER_INDEX_FILE))
     customers = pd.read_parquet(root / CUSTOMERS_FILE)
-    embeddings = np.load(root / CUSTOMER_EMBEDDINGS_FILE)
+    embeddings = load_npy(root / CUSTOMER_EMBEDDINGS_FILE)
     purchases = pd.read_parquet(root / PURCHASES_FILE)
     count, dim = int(info["count"]), int(manifest["dim"])
     checks = [

@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from towerrec.fileio import load_npy
 from towerrec.retrieval.folder import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, ExportError, read_verified
 from towerrec.retrieval.hits import Hit, UnknownItemError
 from towerrec.retrieval.index import (
@@ -145,7 +146,7 @@ class ItemIndex:
         cache = self.manifest.get("image_cache")
         if cache and Path(cache).is_file():
             if self._image_cache is None:
-                self._image_cache = np.load(cache, mmap_mode="r")
+                self._image_cache = load_npy(cache, mmap_mode="r")
             if row["item_idx"] < len(self._image_cache):
                 return np.asarray(self._image_cache[row["item_idx"]])
         return None
@@ -182,7 +183,7 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False, 
     flags = mmap_flags(manifest["factory"]) if mmap and gpu_off(gpu) else 0
     index = faiss.read_index(str(root / INDEX_FILE), flags)
     items = pd.read_parquet(root / ITEMS_FILE)
-    embeddings = np.load(root / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None)
+    embeddings = load_npy(root / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None)
     checks = [
         (index.d == dim, f"index dimension {index.d} != manifest dim {dim}"),
         (index.ntotal == count, f"index holds {index.ntotal} vectors, manifest count is {count}"),
