@@ -1,7 +1,10 @@
 """Load-test ``towerrec-serve``: QPS and p50/p95/p99 latency over HTTP, beside the same queries in-process.
 
 The script starts ``towerrec-serve`` on 127.0.0.1 (a free port) as a subprocess and drives it from C
-concurrent ``httpx.AsyncClient`` clients with a fixed number of requests and a time limit per phase:
+concurrent keep-alive clients with a fixed number of requests and a time limit per phase. The clients
+connect one after another before a phase's clock starts, each answered once before the next connects
+(``--burst``: all at once as it starts, when the worker that wakes first may accept every one of them); the table says how the connections spread
+over the server's processes. The phases:
 ``similar`` (GET /v1/items/{id}/similar), ``recommend`` (POST /v1/recommend), then a mixed phase with
 one admin reload in the middle. The same queries are then answered in this process through the Python
 API (``load_export(...).similar_items`` / ``.recommend``, one thread). Prints a markdown table.
@@ -150,10 +153,13 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, raw: bytes) -> tuple[int, bytes]:
-        """Send one encoded request; ``(status, body)``. A dropped connection raises and is reopened next time."""
+    async def connect(self) -> None:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        """Send one encoded request; ``(status, body)``. A dropped connection raises and is reopened next time."""
+        await self.connect()
         try:
             self.writer.write(raw)
             head = await self.reader.readuntil(b"\r\n\r\n")
@@ -188,12 +194,43 @@ def as_path(path: str, params: dict) -> str:
     return f"{path}?{urlencode(params, doseq=True)}" if params else path
 
 
+def connections_per_process(pids: list[int], port: int) -> list[int]:
+    """Established TCP connections on ``port`` that each of ``pids`` holds (Linux ``/proc``), most first.
+
+    uvicorn's workers share one listening socket, and the worker that wakes first accepts every
+    connection waiting: a burst of new connections can all land on one worker.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":  # local port, ESTABLISHED
+                inodes.add(f[9])
+    counts = []
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+        n = sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes)
+        if n:
+            counts.append(n)
+    return sorted(counts, reverse=True)
+
+
 async def drive(url: str, requests: list[tuple[str, str, dict]], clients: int, time_limit: float,
-                at_half=None, client: str = "raw") -> dict:  # fmt: skip
+                at_half=None, client: str = "raw", burst: bool = False, server_pid: int | None = None) -> dict:  # fmt: skip
     """Send ``requests`` (method, path, params-or-json) from ``clients`` concurrent clients; stop at the time limit.
 
     ``client``: ``raw`` (one :class:`Connection` per client) or ``httpx`` (``httpx.AsyncClient``).
     ``at_half``: an async callable run once, when half the requests have been sent (the reload).
+    ``burst``: raw clients connect all at once when the clock starts (all may land on one worker);
+    by default they connect one after another before it, as clients that arrive over time do.
+    ``server_pid``: report how the raw clients' connections spread over the server's processes.
     """
     latencies, errors, samples = [], 0, []
     next_i = 0
@@ -203,12 +240,18 @@ async def drive(url: str, requests: list[tuple[str, str, dict]], clients: int, t
     if client == "raw":
         encoded = [encode(m, p if m == "POST" else as_path(p, b), b if m == "POST" else None, host)
                    for m, p, b in requests]  # fmt: skip
+    conns = [Connection(host, int(port)) if client == "raw" else None for _ in range(clients)]
+    spread = []
+    if client == "raw" and not burst:
+        for conn in conns:  # each connection answers one request before the next opens (as a warm pool)
+            await conn.request(encode("GET", "/healthz", None, host))
+        if server_pid is not None:
+            spread = connections_per_process(process_tree(server_pid), int(port))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
 
-        async def worker():
+        async def worker(conn):
             nonlocal next_i, errors
-            conn = Connection(host, int(port)) if client == "raw" else None
             while next_i < len(requests) and time.perf_counter() < deadline:
                 i = next_i
                 next_i += 1
@@ -238,10 +281,10 @@ async def drive(url: str, requests: list[tuple[str, str, dict]], clients: int, t
                 conn.close()
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
+        await asyncio.gather(*(worker(conn) for conn in conns))
         wall = time.perf_counter() - t0
     return {"done": len(latencies), "errors": errors, "wall": wall, "latencies": latencies,
-            "samples": samples, **half_result}  # fmt: skip
+            "samples": samples, "spread": spread, **half_result}  # fmt: skip
 
 
 def run_loop(coro):
@@ -309,6 +352,7 @@ def row(label: str, path: str, r: dict) -> dict:
     if "server_cpu" in r:  # CPU per request: who pays for it, the server or the load generator
         out["server CPU ms/req"] = 1000 * r["server_cpu"] / max(1, r["done"])
         out["client CPU ms/req"] = 1000 * r["client_cpu"] / max(1, r["done"])
+        out["connections per process"] = "/".join(map(str, r.get("spread") or [])) or "–"
     return out
 
 
@@ -367,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label", help="the export's name in the table")
     p.add_argument("--client", choices=["raw", "httpx"], default="raw",
                    help="load generator: raw keep-alive connections (default; little Python per request) or httpx")  # fmt: skip
+    p.add_argument("--burst", action="store_true",
+                   help="raw clients connect all at once as a phase starts (by default one after another before it)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -419,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         def sim(q):
             return ("GET", f"/v1/items/{q['item_id']}/similar", {"k": q["k"]})
 
-        load = dict(clients=args.clients, time_limit=args.time_limit, client=args.client)
+        load = dict(clients=args.clients, time_limit=args.time_limit, client=args.client, burst=args.burst,
+                    server_pid=server.pid)  # fmt: skip
         http_sim = phase(server.pid, drive(url, [sim(q) for q in similar_q], **load))
         http_rec = phase(server.pid, drive(url, [("POST", "/v1/recommend", q) for q in recommend_q], **load))
 

@@ -1,17 +1,21 @@
-"""Micro-batching of single queries, the batch forms of the Python API, and FAISS threads in pool threads."""
+"""Micro-batching of single queries, the batch forms of the Python API, and FAISS and torch threads in pool threads."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 import time
+from pathlib import Path
 
 import faiss
+import pytest
+import torch
 
 from towerrec.retrieval import load_export
 from towerrec.retrieval.recommend import Recommender
 from towerrec.serve.batching import MicroBatcher
-from towerrec.serve.state import Served, faiss_threads_here
+from towerrec.serve.state import Served, threads_here
 
 
 def test_concurrent_queries_are_answered_in_batches_in_order():
@@ -81,5 +85,35 @@ def test_served_searches_use_the_configured_faiss_threads_in_any_thread():
     t.join()
     assert seen["before"] == 2
     assert seen["searching"] == 1
-    faiss_threads_here(1)  # idempotent in this thread
+    threads_here(1)  # idempotent in this thread
     assert faiss.omp_get_max_threads() == 1
+
+
+def _torch_openmp():
+    """torch's own OpenMP runtime (the pip wheels ship one), to read a thread's count directly:
+    ``torch.get_num_threads()`` answers the process-wide setting, not what a new thread will use."""
+    libs = sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
+    if not libs:
+        pytest.skip("this torch build ships no libgomp to read a thread's OpenMP count from")
+    return ctypes.CDLL(str(libs[0]))
+
+
+def test_served_searches_use_the_configured_torch_threads_in_any_thread():
+    """The user tower runs in the server's pool threads; with torch at its per-thread default there,
+    every pass started a team of one thread per core (two workers on two cores spun on each other)."""
+    omp = _torch_openmp()
+    torch.set_num_threads(1)
+    served = Served(index=None, device="cpu", threads=1)
+    seen = {}
+
+    def in_a_new_thread():
+        seen["before"] = omp.omp_get_max_threads()
+        with served.searching():
+            seen["searching"] = omp.omp_get_max_threads()
+
+    t = threading.Thread(target=in_a_new_thread)
+    t.start()
+    t.join()
+    if seen["before"] == 1:
+        pytest.skip("a new thread already starts with one OpenMP thread here (one core)")
+    assert seen["searching"] == 1

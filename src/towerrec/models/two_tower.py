@@ -16,6 +16,9 @@ from towerrec.models.components.item_tower import ItemTower
 from towerrec.models.components.loss import SampledSoftmaxLoss
 from towerrec.ranking import aggregate, chunk_rows, rank_metrics, score_topk, seen_pairs
 
+#: History widths of the groups :meth:`TwoTowerModule.user_embeddings` embeds together, in steps of this.
+WIDTH_STEP = 8
+
 
 class TwoTowerModule(L.LightningModule):
     """Two-tower retrieval: user tower over item-tower embeddings of the history.
@@ -107,29 +110,63 @@ class TwoTowerModule(L.LightningModule):
             torch.utils.deterministic.fill_uninitialized_memory = False
 
     # ------------------------------------------------------------------ forward
-    def queries(self, hist_emb: Tensor, pad: Tensor) -> Tensor:
+    def queries(self, hist_emb: Tensor, pad: Tensor, last_only: bool = False) -> Tensor:
         """Causal unit-norm queries at every position: ``(B, L, D')`` history item vectors ->
-        ``(B, L, D')``, where ``D'`` is the item tower's ``out_dim``.
+        ``(B, L, D')``, where ``D'`` is the item tower's ``out_dim`` (``(B, 1, D')``, the last
+        position only, with ``last_only``).
 
         The user tower reads the learned part of the item vectors. With a content sketch, the query
         is ``[user tower output, weighted mean sketch of the recent items]``, normalised.
         """
         tower = self.item_tower
-        h = F.normalize(self.user_tower(tower.learned_part(hist_emb), pad), dim=-1)  # (B, L, D), causal
+        x = tower.learned_part(hist_emb)
+        if last_only and getattr(self.user_tower, "last_only", False):
+            h = self.user_tower(x, pad, last_only=True)  # (B, 1, D): only the last position computed
+        else:
+            h = self.user_tower(x, pad)  # (B, L, D), causal
+            h = h[:, -1:] if last_only else h
+        h = F.normalize(h, dim=-1)
         if tower.sketch is None:
             return h
-        s = tower.sketch.user(tower.sketch_part(hist_emb), pad)[
-            :, -h.shape[1] :
-        ]  # (the transformer keeps max_len)
+        s = tower.sketch.user(tower.sketch_part(hist_emb), pad)[:, -h.shape[1] :]  # (the transformer keeps max_len)
         return F.normalize(torch.cat([h, s], dim=-1), dim=-1)
 
     def user_embeddings(self, history: Tensor, item_emb: Tensor | None = None) -> Tensor:
-        """``(B, L)`` left-padded histories -> ``(B, D')`` unit-norm user embeddings."""
+        """``(B, L)`` left-padded histories -> ``(B, D')`` unit-norm user embeddings.
+
+        With a user tower that ignores padding (``trims_padding``: the causal transformer, mean
+        pooling), users are embedded in groups of about equal history length, with the padding in
+        front of the group's longest history cut off: most histories are far shorter than ``L``,
+        and the user tower's cost grows with the width. Only the last position is computed where the
+        tower can skip the others (``last_only``). A user's width depends only on its own history, whichever other users share the
+        call (the validation batch, an evaluation chunk, one served request).
+        """
+        if not getattr(self.user_tower, "trims_padding", False) or history.shape[0] == 0:
+            return self._user_embeddings(history, item_emb)
+        real = history != 0
+        first = real.to(torch.int8).argmax(dim=1)  # the first real item (histories are left-padded)
+        length = torch.where(real.any(dim=1), history.shape[1] - first, 1)  # (B,); no history: one slot
+        # Widths in steps of WIDTH_STEP: a few groups per call, each large enough to keep the matrix
+        # products efficient (one group per length made calls of a few users, slower than no cut).
+        width = ((length + WIDTH_STEP - 1) // WIDTH_STEP * WIDTH_STEP).clamp(max=history.shape[1])
+        order = torch.argsort(width, stable=True)
+        widths, counts = torch.unique_consecutive(width[order], return_counts=True)
+        if len(widths) == 1:
+            return self._user_embeddings(history[:, -int(widths[0]) :], item_emb)
+        out = None
+        for rows, w in zip(order.split(counts.tolist()), widths.tolist(), strict=True):
+            emb = self._user_embeddings(history[rows, -w:], item_emb)
+            if out is None:
+                out = emb.new_empty(history.shape[0], emb.shape[1])
+            out[rows] = emb
+        return out
+
+    def _user_embeddings(self, history: Tensor, item_emb: Tensor | None = None) -> Tensor:
         pad = history == 0
         # A user with no history still gets a query: the last slot (padding, a zero vector) is unmasked.
         pad[:, -1] = False
         h = item_emb[history] if item_emb is not None else self.item_tower(history)  # (B, L, D')
-        return self.queries(h, pad)[:, -1]  # (B, D')
+        return self.queries(h, pad, last_only=True)[:, -1]  # (B, D')
 
     def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
         """Training batches get their distinct items here, on the host, before they reach the device.

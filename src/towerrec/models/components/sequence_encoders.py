@@ -33,9 +33,14 @@ class _Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), Dropout(dropout), nn.Linear(2 * dim, dim))
         self.drop = Dropout(dropout)
 
-    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, h: Tensor, mask: Tensor, last_only: bool = False) -> Tensor:
+        """``(B, L, D)`` -> ``(B, L, D)``; with ``last_only``, ``(B, 1, D)``: the last position's output,
+        its query attending to every position's keys (the other positions' outputs are not computed)."""
         b, length, d = h.shape
         q, k, v = self.qkv(self.norm1(h)).view(b, length, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            h, q, mask = h[:, -1:], q[:, :, -1:], mask[:, :, -1:]
+            length = 1
         if self.training and self.dropout and self.dropout_mask != "torch" and h.device.type == "cpu":
             # SDPA's attention dropout draws torch's mask: the same attention written out, with the
             # other mask on the attention weights.
@@ -50,6 +55,9 @@ class _Block(nn.Module):
 class CausalTransformerEncoder(nn.Module):
     """SASRec-style causal transformer with learned positions.
 
+    Padding is masked out of the attention and positions count back from the most recent item, so
+    a history's output does not depend on how much padding precedes it (``trims_padding``).
+
     Args:
         dim: model width (the item embedding size).
         num_layers: transformer blocks.
@@ -57,6 +65,9 @@ class CausalTransformerEncoder(nn.Module):
         max_len: longest sequence (number of learned positions); longer inputs keep their end.
         dropout: dropout in attention, feed-forward and on the inputs.
     """
+
+    trims_padding = True
+    last_only = True  # forward(..., last_only=True): only the last position's output
 
     def __init__(self, dim: int, num_layers: int = 2, num_heads: int = 2, max_len: int = 50, dropout: float = 0.2) -> None:
         super().__init__()
@@ -70,7 +81,9 @@ class CausalTransformerEncoder(nn.Module):
         self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor, last_only: bool = False) -> Tensor:
+        """``(B, L, D)`` -> ``(B, L, D)`` (``(B, 1, D)`` with ``last_only``: the last block computes only
+        the last position, the one a user embedding reads)."""
         x, padding_mask = x[:, -self.max_len :], padding_mask[:, -self.max_len :]
         length = x.shape[1]
         # Positions count back from the most recent item, which always sits at max_len - 1.
@@ -81,13 +94,16 @@ class CausalTransformerEncoder(nn.Module):
         causal = torch.triu(torch.full((length, length), _NEG, device=x.device, dtype=h.dtype), diagonal=1)
         keys = torch.zeros(padding_mask.shape, device=x.device, dtype=h.dtype).masked_fill(padding_mask, _NEG)
         mask = causal + keys[:, None, None, :]  # (B, 1, L, L), additive
-        for block in self.blocks:
-            h = block(h, mask)  # (B, L, D), causal
+        for i, block in enumerate(self.blocks):
+            h = block(h, mask, last_only=last_only and i == len(self.blocks) - 1)  # (B, L, D), causal
         return self.norm(h)
 
 
 class GRUEncoder(nn.Module):
-    """A GRU over the history (GRU4Rec-style)."""
+    """A GRU over the history (GRU4Rec-style). The padding steps move its state (the biases act on
+    them), so a history is always encoded at the full width it trained with."""
+
+    trims_padding = False
 
     def __init__(self, dim: int, num_layers: int = 1, dropout: float = 0.1) -> None:
         super().__init__()
@@ -100,7 +116,9 @@ class GRUEncoder(nn.Module):
 
 
 class MeanPoolEncoder(nn.Module):
-    """The running mean of the history embeddings, then a linear map."""
+    """The running mean of the history embeddings, then a linear map (padding ignored)."""
+
+    trims_padding = True
 
     def __init__(self, dim: int) -> None:
         super().__init__()
