@@ -87,6 +87,10 @@ def test_build_refuses_unnormalised_vectors_and_unknown_params():
     x = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
     with pytest.raises(ValueError, match="L2-normalised"):
         build_index(IndexSpec(name="f", factory="Flat"), x, np.arange(1, 101))
+    one_off = normalized(x)
+    one_off[-1] *= 1.01  # the last row alone, 2% off in squared norm: every row is checked
+    with pytest.raises(ValueError, match="L2-normalised"):
+        build_index(IndexSpec(name="f", factory="Flat"), one_off, np.arange(1, 101))
     with pytest.raises(ValueError, match="efSearch"):
         build_index(
             IndexSpec(name="f", factory="Flat", search_params={"efSearch": 10}),
@@ -100,3 +104,21 @@ def test_ann_recall_by_hand():
     found = np.array([[1, 2, 9, 10], [8, 7, 6, 5]])
     assert ann_recall(found, exact, 4) == pytest.approx((0.5 + 1.0) / 2)
     assert ann_recall(np.array([[-1, -1, 3, 4]]), exact[:1], 4) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("factory", "same_answers"), [("Flat", True), ("IVF8,Flat", True), ("HNSW8,Flat", False)])
+def test_an_add_in_chunks_builds_the_index_of_one_add(factory, same_answers):
+    """IVF and graph indexes are added ``add_chunk`` vectors at a time (bounded temporaries); a flat
+    one in one call (each add copies its whole array). Either way the index holds every vector, once,
+    under its own id; flat and IVF answer as the index built in one add does (a graph built in
+    batches links its nodes in another order)."""
+    x, ids = _unit(500, 16), np.arange(1, 501) * 3
+    spec = IndexSpec(name="t", factory=factory, train_sample=500)
+    whole = build_index(spec, x, ids).index
+    chunked = build_index(IndexSpec(name="t", factory=factory, train_sample=500, add_chunk=7), x, ids).index
+    assert chunked.ntotal == whole.ntotal == 500
+    q = _unit(20, 16, seed=1)
+    if same_answers:
+        for a, b in zip(search(whole, q, 10), search(chunked, q, 10), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert set(search(chunked, x[:50], 1)[1][:, 0].tolist()) == set(ids[:50].tolist())  # each finds itself
