@@ -70,21 +70,27 @@ def test_many_forms_answer_as_one_query_at_a_time(exports):
     ]
 
 
-def test_served_searches_use_the_configured_faiss_threads_in_any_thread():
+def _counts_in_a_new_thread(read, before=None) -> tuple[int, int]:
+    """A new thread's OpenMP count (``read()``) before and inside ``Served.searching()``."""
     served = Served(index=None, device="cpu", threads=1)  # searching() needs no export
-    seen = {}
+    seen = []
 
-    def in_a_new_thread():
-        faiss.omp_set_num_threads(2)  # this thread's own count, as a pool thread may have it
-        seen["before"] = faiss.omp_get_max_threads()
+    def run():
+        if before is not None:
+            before()
+        seen.append(read())
         with served.searching():
-            seen["searching"] = faiss.omp_get_max_threads()
+            seen.append(read())
 
-    t = threading.Thread(target=in_a_new_thread)
+    t = threading.Thread(target=run)
     t.start()
     t.join()
-    assert seen["before"] == 2
-    assert seen["searching"] == 1
+    return seen[0], seen[1]
+
+
+def test_served_searches_use_the_configured_faiss_threads_in_any_thread():
+    # the thread's own count set to 2 first, as a pool thread may have it
+    assert _counts_in_a_new_thread(faiss.omp_get_max_threads, lambda: faiss.omp_set_num_threads(2)) == (2, 1)
     threads_here(1)  # idempotent in this thread
     assert faiss.omp_get_max_threads() == 1
 
@@ -103,17 +109,7 @@ def test_served_searches_use_the_configured_torch_threads_in_any_thread():
     every pass started a team of one thread per core (two workers on two cores spun on each other)."""
     omp = _torch_openmp()
     torch.set_num_threads(1)
-    served = Served(index=None, device="cpu", threads=1)
-    seen = {}
-
-    def in_a_new_thread():
-        seen["before"] = omp.omp_get_max_threads()
-        with served.searching():
-            seen["searching"] = omp.omp_get_max_threads()
-
-    t = threading.Thread(target=in_a_new_thread)
-    t.start()
-    t.join()
-    if seen["before"] == 1:
+    before, searching = _counts_in_a_new_thread(omp.omp_get_max_threads)
+    if before == 1:
         pytest.skip("a new thread already starts with one OpenMP thread here (one core)")
-    assert seen["searching"] == 1
+    assert searching == 1
