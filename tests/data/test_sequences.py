@@ -125,3 +125,27 @@ def test_a_folder_without_sequences_is_refused_in_one_line(tmp_path):
     (tmp_path / "seq_items.npy").write_bytes(b"")  # the others missing, as in a folder of an older prepare
     with pytest.raises(DataError, match=r"^\S+: no seq_split\.npy \(written by an older towerrec-prepare\); run towerrec-prepare force=true$"):
         load_sequences(tmp_path)
+
+
+def test_users_past_the_first_size_with_and_without_parquet_statistics(tmp_path, small_batches):
+    """The per-user counts are sized from the file's statistics, or grown as users appear where the
+    writer left none: the same files either way, with every user's offsets and split ends."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df = _table(n_users=3000, seed=1)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    outs = {}
+    for stats in (True, False):
+        out = tmp_path / f"stats_{stats}"
+        out.mkdir()
+        pq.write_table(table, out / "i.parquet", row_group_size=5000, write_statistics=stats)
+        assert sequences._max_user(pq.ParquetFile(out / "i.parquet")) == (3000 if stats else None)
+        assert write_sequences(out / "i.parquet", out)["users"] == 3000
+        outs[stats] = out
+    for name in ("seq_items.npy", "seq_split.npy", "seq_offsets.npy", "seq_split_ends.npy"):
+        assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
+    seq = load_sequences(outs[True])
+    per_user = df.groupby("user_idx")["split"].value_counts().unstack(fill_value=0).reindex(range(3001), fill_value=0)
+    ends = seq.offsets[:-1, None] + per_user[["train", "val", "test"]].to_numpy().cumsum(axis=1)
+    assert np.array_equal(seq.ends, ends)
