@@ -138,8 +138,9 @@ class TwoTowerModule(L.LightningModule):
         pooling), users are embedded in groups of about equal history length, with the padding in
         front of the group's longest history cut off: most histories are far shorter than ``L``,
         and the user tower's cost grows with the width. Only the last position is computed where the
-        tower can skip the others (``last_only``). A user's width depends only on its own history, whichever other users share the
-        call (the validation batch, an evaluation chunk, one served request).
+        tower can skip the others (``last_only``). A user's width depends only on its own history,
+        whichever other users share the call (the validation batch, an evaluation chunk, one served
+        request).
         """
         if not getattr(self.user_tower, "trims_padding", False) or history.shape[0] == 0:
             return self._user_embeddings(history, item_emb)

@@ -45,7 +45,8 @@ def threads_here(threads: int) -> None:
     OpenMP keeps the count per thread, and FAISS and torch each bring their own OpenMP runtime:
     setting them in the main thread leaves the server's pool threads at one OpenMP thread per core.
     Each single-query search then started a team that spun on cores the other requests needed
-    (measured: about 9x the CPU per FAISS search, and 2.4x per user-tower pass with two workers).
+    (measured: about 9x the CPU per FAISS search), and each user-tower pass of a recommend batch a
+    team of torch's.
     """
     if getattr(_this_thread, "threads", None) != threads:
         faiss.omp_set_num_threads(threads)
