@@ -3,8 +3,8 @@
 The script starts ``towerrec-serve`` on 127.0.0.1 (a free port) as a subprocess and drives it from C
 concurrent keep-alive clients with a fixed number of requests and a time limit per phase. The clients
 connect one after another before a phase's clock starts, each answered once before the next connects
-(``--burst``: all at once as it starts, when the worker that wakes first may accept every one of them); the table says how the connections spread
-over the server's processes. The phases:
+(``--burst``: all at once as it starts, when the worker that wakes first may accept every one of
+them); the table says how the connections spread over the server's processes. The phases:
 ``similar`` (GET /v1/items/{id}/similar), ``recommend`` (POST /v1/recommend), then a mixed phase with
 one admin reload in the middle. The same queries are then answered in this process through the Python
 API (``load_export(...).similar_items`` / ``.recommend``, one thread). Prints a markdown table.

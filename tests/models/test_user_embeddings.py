@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from towerrec.commands.train import build
+from towerrec.models.two_tower import history_lengths
 
 
 @pytest.fixture(params=["sasrec", "mean", "gru"])
@@ -18,16 +19,11 @@ def model_and_histories(request, tiny_train_cfg):
     return model, history
 
 
-def _lengths(history: torch.Tensor) -> torch.Tensor:
-    real = history != 0
-    return torch.where(real.any(1), history.shape[1] - real.to(torch.int8).argmax(1), 1)
-
-
 def test_each_user_gets_the_embedding_of_its_own_history(model_and_histories):
     """Users of many lengths in one call, embedded in groups of equal length: every row goes back to
     its user (alone, or in reverse order, the same vectors up to the rounding of other matrix shapes)."""
     model, history = model_and_histories
-    assert len(torch.unique(_lengths(history))) > 3  # users of many lengths share the call
+    assert len(torch.unique(history_lengths(history))) > 3  # users of many lengths share the call
     with torch.no_grad():
         item_emb = model.item_tower.embed_all()
         together = model.user_embeddings(history, item_emb)
@@ -55,4 +51,3 @@ def test_cutting_the_padding_changes_the_embeddings_by_rounding_only(model_and_h
         assert torch.equal(model.user_embeddings(wide, item_emb), trimmed)
     else:  # the GRU's state moves on padding: always the full width
         assert torch.equal(trimmed, full)
-

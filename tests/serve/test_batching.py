@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import faiss
-import pytest
 import torch
 
 from towerrec.retrieval import load_export
@@ -96,20 +95,18 @@ def test_served_searches_use_the_configured_faiss_threads_in_any_thread():
 
 
 def _torch_openmp():
-    """torch's own OpenMP runtime (the pip wheels ship one), to read a thread's count directly:
-    ``torch.get_num_threads()`` answers the process-wide setting, not what a new thread will use."""
+    """torch's own OpenMP runtime (the project's torch wheels ship ``libgomp`` in ``torch/lib``), to
+    read a thread's count directly: ``torch.get_num_threads()`` answers the process-wide setting,
+    not what a new thread will use."""
     libs = sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
-    if not libs:
-        pytest.skip("this torch build ships no libgomp to read a thread's OpenMP count from")
+    assert libs, f"no libgomp in {Path(torch.__file__).parent / 'lib'}: torch's OpenMP runtime not found"
     return ctypes.CDLL(str(libs[0]))
 
 
 def test_served_searches_use_the_configured_torch_threads_in_any_thread():
-    """The user tower runs in the server's pool threads; with torch at its per-thread default there,
-    every pass started a team of one thread per core (two workers on two cores spun on each other)."""
+    """The user tower runs in the server's pool threads; with torch at its per-thread default there
+    (one OpenMP thread per core), every pass started a team (two workers on two cores spun on each other)."""
     omp = _torch_openmp()
     torch.set_num_threads(1)
-    before, searching = _counts_in_a_new_thread(omp.omp_get_max_threads)
-    if before == 1:
-        pytest.skip("a new thread already starts with one OpenMP thread here (one core)")
-    assert searching == 1
+    # the thread's own count set to 2 first, as a new thread has it on a 2-core machine
+    assert _counts_in_a_new_thread(omp.omp_get_max_threads, lambda: omp.omp_set_num_threads(2)) == (2, 1)

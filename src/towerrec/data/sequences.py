@@ -70,7 +70,8 @@ def write_sequences(interactions_parquet: Path, out_dir: Path) -> dict:
     split = _npy_writer(out / "seq_split.npy", np.int8, n)
     # (user, split) -> positions: sized once from the file's statistics where it has them (growing it
     # by doubling held up to 3x the final array at 5M users), else grown as users appear.
-    counts = np.zeros((max(min(_max_user(pf) or 0, n), 1023) + 1, 3), dtype=np.int64)  # ids are dense: at most n
+    top = min(_max_user(pf) or 0, n)  # ids are dense: at most one user per row
+    counts = np.zeros((max(top, 1023) + 1, 3), dtype=np.int64)
     pos, last_user, last_code, max_item = 0, 0, 0, 0
     for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["user_idx", "item_idx", "split"]):
         user = batch.column("user_idx").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
@@ -133,7 +134,8 @@ def _max_user(pf: pq.ParquetFile) -> int | None:
     meta, top = pf.metadata, 0
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
-        col = next((group.column(j) for j in range(group.num_columns) if group.column(j).path_in_schema == "user_idx"), None)
+        cols = (group.column(j) for j in range(group.num_columns))
+        col = next((c for c in cols if c.path_in_schema == "user_idx"), None)
         stats = None if col is None else col.statistics
         if stats is None or not stats.has_min_max:
             return None

@@ -144,9 +144,7 @@ class TwoTowerModule(L.LightningModule):
         """
         if not getattr(self.user_tower, "trims_padding", False) or history.shape[0] == 0:
             return self._user_embeddings(history, item_emb)
-        real = history != 0
-        first = real.to(torch.int8).argmax(dim=1)  # the first real item (histories are left-padded)
-        length = torch.where(real.any(dim=1), history.shape[1] - first, 1)  # (B,); no history: one slot
+        length = history_lengths(history)
         # Widths in steps of WIDTH_STEP: a few groups per call, each large enough to keep the matrix
         # products efficient (one group per length made calls of a few users, slower than no cut).
         width = ((length + WIDTH_STEP - 1) // WIDTH_STEP * WIDTH_STEP).clamp(max=history.shape[1])
@@ -298,6 +296,14 @@ class TwoTowerModule(L.LightningModule):
             "optimizer": opt,
             "lr_scheduler": {"scheduler": self.scheduler(optimizer=opt), "interval": "step"},
         }
+
+
+def history_lengths(history: Tensor) -> Tensor:
+    """``(B,)`` slots from each left-padded history's first real item to its end (1 for no history:
+    the user still gets a query from the last slot)."""
+    real = history != 0
+    first = real.to(torch.int8).argmax(dim=1)  # the first real item
+    return torch.where(real.any(dim=1), history.shape[1] - first, 1)
 
 
 def batch_candidates(inputs: Tensor, targets: Tensor, negatives: Tensor | None = None) -> dict[str, Tensor]:

@@ -49,10 +49,8 @@ def threads_here(threads: int) -> None:
     team of torch's.
     """
     if getattr(_this_thread, "threads", None) != threads:
-        faiss.omp_set_num_threads(threads)
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            torch.set_num_threads(threads)
+        set_threads(threads)  # both calls set the calling thread's own count
+        if "torch" in sys.modules:
             _this_thread.threads = threads  # only once torch is loaded can both be set
 
 
