@@ -323,13 +323,34 @@ def process_tree(pid: int) -> list[int]:
     return procs
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time by state (``/proc/stat``'s first line, in clock ticks; empty without it)."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """Of the CPU time between two :func:`cpu_times`, the share the hypervisor gave to other guests (steal)."""
+    if len(before) < 8 or len(after) < 8:
+        return float("nan")
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    return delta[7] / max(1, sum(delta[:8]))  # user nice system idle iowait irq softirq steal
+
+
 def phase(server_pid: int, coro) -> dict:
-    """Run one load phase; add the CPU seconds the server's processes and this load generator spent."""
+    """Run one load phase; add the CPU seconds the server's processes and this load generator spent.
+
+    Also the machine's steal time over the phase: on a virtual machine a busy neighbour makes every
+    request cost more CPU time, which the server's own figures cannot tell apart from its own work.
+    """
     pids = process_tree(server_pid)
-    server0, client0 = cpu_seconds(pids), time.process_time()
+    server0, client0, machine0 = cpu_seconds(pids), time.process_time(), cpu_times()
     result = run_loop(coro)
     result["server_cpu"] = cpu_seconds(pids) - server0
     result["client_cpu"] = time.process_time() - client0
+    result["steal"] = steal_share(machine0, cpu_times())
     return result
 
 
@@ -353,6 +374,7 @@ def row(label: str, path: str, r: dict) -> dict:
         out["server CPU ms/req"] = 1000 * r["server_cpu"] / max(1, r["done"])
         out["client CPU ms/req"] = 1000 * r["client_cpu"] / max(1, r["done"])
         out["connections per process"] = "/".join(map(str, r.get("spread") or [])) or "–"
+        out["steal %"] = 100 * r["steal"]
     return out
 
 

@@ -38,6 +38,11 @@ SeenPairs = tuple[Tensor, Tensor]
 #: Memory for one chunk's ``(b, N)`` float32 score matrix when the caller does not set a chunk size.
 CHUNK_BYTES = 256 * 2**20
 
+#: Columns per block of :func:`_topk_lower_index`'s narrowing on the CPU, and the fewest blocks per k for
+#: which it narrows: below that a plain ``torch.topk`` over the row costs about as much.
+BLOCK_COLUMNS = 64
+MIN_BLOCKS_PER_K = 8
+
 
 def seen_pairs(seen: Tensor | None) -> tuple[Tensor, Tensor] | None:
     """(user_row, item) pairs from a right-padded ``(U, S)`` seen-items matrix."""
@@ -89,6 +94,37 @@ def chunk_rows(n_items: int, budget_bytes: int = CHUNK_BYTES) -> int:
 
 def _topk_lower_index(scores: Tensor, k: int) -> Tensor:
     """Top-k columns per row, best first, ties broken by the lower column; ``1 <= k <= N``, no NaN.
+
+    On the CPU a long row is narrowed first: ``torch.topk`` walks every column with a selection, while
+    a block maximum vectorises. The k-th largest of a row's block maxima (blocks of
+    :data:`BLOCK_COLUMNS` columns) is a lower bound of its k-th largest score, since k blocks each hold
+    a score at least that large; so every top-k column, and every score tied with the k-th, lies in a
+    block whose maximum reaches it. Where exactly k blocks do (no tie at the bound), those blocks and
+    the columns past the last whole block are ranked as :func:`_topk_lower_index_of_all` ranks a whole
+    row, in ascending column order, so the result is the same; the other rows are ranked whole.
+    """
+    n_rows, n_items = scores.shape
+    n_blocks = n_items // BLOCK_COLUMNS
+    if scores.device.type != "cpu" or n_blocks < MIN_BLOCKS_PER_K * k or n_rows == 0:
+        return _topk_lower_index_of_all(scores, k)
+    whole = n_blocks * BLOCK_COLUMNS
+    maxima = scores[:, :whole].view(n_rows, n_blocks, BLOCK_COLUMNS).amax(dim=2)  # NaN propagates
+    bound, blocks = maxima.topk(k, dim=1)
+    narrowed = (maxima >= bound[:, k - 1 :]).sum(dim=1) == k  # False also where the bound is -inf
+    offsets = torch.arange(BLOCK_COLUMNS, device=scores.device)
+    columns = (blocks.sort(dim=1).values.unsqueeze(2) * BLOCK_COLUMNS + offsets).view(n_rows, k * BLOCK_COLUMNS)
+    if whole < n_items:
+        tail = torch.arange(whole, n_items, device=scores.device)
+        columns = torch.cat([columns, tail.expand(n_rows, -1)], dim=1)
+    top = columns.gather(1, _topk_lower_index_of_all(scores.gather(1, columns), k))
+    if not narrowed.all():
+        rows = (~narrowed).nonzero().squeeze(1)
+        top[rows] = _topk_lower_index_of_all(scores[rows], k)
+    return top
+
+
+def _topk_lower_index_of_all(scores: Tensor, k: int) -> Tensor:
+    """:func:`_topk_lower_index` over every column of each row.
 
     One ``torch.topk`` of ``k + 1`` columns settles almost every row: when the (k+1)-th value is below
     the k-th, the chosen set is unique. Only rows where they are equal (a tie straddles the cut, or the

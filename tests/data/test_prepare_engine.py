@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import HAS_HM, HM_ROOT, compose_cfg
 
-from towerrec.data import engine
+from towerrec.data import build, engine
 from towerrec.data.build import prepare
 from towerrec.data.schema import DataError
 from towerrec.data.sources import synthetic
@@ -58,10 +58,15 @@ def _digests(folder: Path) -> dict[str, str]:
     return {"interactions": h(rows), "users": h(users), "items": h(items[cols])}
 
 
-def test_synthetic_default_is_what_the_pandas_pipeline_wrote(tmp_path):
+@pytest.mark.parametrize("users_per_part", [None, 701])
+def test_synthetic_default_is_what_the_pandas_pipeline_wrote(tmp_path, monkeypatch, users_per_part):
+    """Also with users.parquet written a part of the users at a time (3,000 users in 5 parts)."""
+    if users_per_part:
+        monkeypatch.setattr(build, "_USERS_PER_PART", users_per_part)
     cfg = compose_cfg("prepare", [f"data.processed_dir={tmp_path}/p"], tmp_path).data
     out = prepare(cfg)
     assert _digests(out) == PANDAS_PIPELINE["synthetic"]
+    assert len(pd.read_parquet(out / "users.parquet")) == 3000
     inter = pd.read_parquet(out / "interactions.parquet")
     assert str(inter["timestamp"].dtype) == "datetime64[ns]" and list(inter["split"].cat.categories) == [
         "train",
@@ -167,3 +172,21 @@ def test_the_engine_path_of_a_source_equals_its_frame(tmp_path, monkeypatch):
         rows = engine.to_frame(con, "inter")
     pd.testing.assert_frame_equal(rows, frame)
     assert not (tmp_path / "scratch").exists()  # the scratch database and spill files are removed
+
+
+def test_memory_lowered_hands_duckdb_pages_back_and_restores_the_limit(tmp_path):
+    settings = engine.EngineSettings(memory_limit="512MB", threads=1)
+    with engine.connect(settings, tmp_path / "scratch") as con:
+        limit = engine.scalar(con, "SELECT current_setting('memory_limit')")
+        con.execute("CREATE TABLE t AS SELECT hash(range) AS i, md5(range::VARCHAR) AS s FROM range(1000000)")
+        total = engine.scalar(con, "SELECT sum(i::HUGEINT) FROM t WHERE s LIKE '%7a%'")
+        in_memory = "SELECT sum(memory_usage_bytes) FROM duckdb_memory()"
+        assert engine.scalar(con, in_memory) > 16 * 2**20  # the table's pages stay after the query
+        with engine.memory_lowered(con, "4MB", settings):
+            assert engine.scalar(con, in_memory) <= 4 * 2**20
+            assert engine.scalar(con, "SELECT current_setting('memory_limit')") != limit
+        assert engine.scalar(con, "SELECT current_setting('memory_limit')") == limit
+        assert engine.scalar(con, "SELECT sum(i::HUGEINT) FROM t WHERE s LIKE '%7a%'") == total  # reloaded from the file
+        with pytest.raises(KeyError), engine.memory_lowered(con, "4MB", settings):
+            raise KeyError("a step fails")
+        assert engine.scalar(con, "SELECT current_setting('memory_limit')") == limit

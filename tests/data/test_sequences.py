@@ -9,7 +9,7 @@ import pytest
 import towerrec.data.sequences as sequences
 from towerrec.data.datamodule import EpochBatchSampler, WindowDataset, train_windows
 from towerrec.data.schema import DataError
-from towerrec.data.sequences import load_sequences, write_sequences
+from towerrec.data.sequences import load_sequences, train_item_counts, write_sequences
 
 
 def _table(n_users: int = 60, seed: int = 0, gap: bool = True) -> pd.DataFrame:
@@ -149,3 +149,22 @@ def test_users_past_the_first_size_with_and_without_parquet_statistics(tmp_path,
     per_user = df.groupby("user_idx")["split"].value_counts().unstack(fill_value=0).reindex(range(3001), fill_value=0)
     ends = seq.offsets[:-1, None] + per_user[["train", "val", "test"]].to_numpy().cumsum(axis=1)
     assert np.array_equal(seq.ends, ends)
+
+
+@pytest.mark.parametrize("chunk_positions", [1, 7, 1 << 20])
+def test_train_item_counts_equal_pandas_in_any_chunks(tmp_path, chunk_positions):
+    rng = np.random.default_rng(3)
+    users = np.sort(rng.integers(1, 60, 700))
+    frame = pd.DataFrame({
+        "user_idx": users,
+        "item_idx": rng.integers(1, 25, 700),  # repeats within a user: purchases count them, buyers do not
+        "split": np.where(rng.random(700) < 0.7, "train", "val"),
+    })
+    frame["split"] = frame.groupby("user_idx")["split"].transform(lambda s: sorted(s, key=["train", "val"].index))
+    frame.to_parquet(tmp_path / "interactions.parquet", index=False)
+    write_sequences(tmp_path / "interactions.parquet", tmp_path)
+    purchases, buyers = train_item_counts(load_sequences(tmp_path), 30, chunk_positions=chunk_positions)
+    train = frame[frame["split"] == "train"]
+    assert purchases.tolist() == train["item_idx"].value_counts().reindex(range(31), fill_value=0).tolist()
+    assert buyers.tolist() == train.groupby("item_idx")["user_idx"].nunique().reindex(range(31), fill_value=0).tolist()
+    assert buyers.sum() < purchases.sum()  # the data has repeats

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from towerrec import ranking
 from towerrec.ranking import (
     PAD,
     aggregate,
@@ -66,6 +68,51 @@ def test_topk_matches_reference_on_many_ties():
     scores = torch.randint(0, 4, (50, 200), generator=g).float()
     expected = reference_topk(scores, 20)
     assert torch.equal(topk_items(scores.clone(), 20), expected)
+
+
+def numpy_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference for long rows: numpy's lexsort by (score descending, item ascending), PAD at -inf."""
+    s = scores.numpy().copy()
+    s[:, PAD] = -INF
+    cols = np.arange(s.shape[1])
+    return torch.from_numpy(np.stack([np.lexsort((cols, -row))[:k] for row in s]))
+
+
+def test_topk_over_long_rows_narrowed_to_blocks_equals_the_reference(monkeypatch):
+    """Long CPU rows are ranked over the blocks whose maximum reaches the k-th block maximum: the same result."""
+    ranked_widths = []
+    whole_rows = ranking._topk_lower_index_of_all
+
+    def spy(scores, k):
+        ranked_widths.append(scores.shape[1])
+        return whole_rows(scores, k)
+
+    monkeypatch.setattr(ranking, "_topk_lower_index_of_all", spy)
+    g = torch.Generator().manual_seed(0)
+    n, k = 160 * 64 * 2 + 37, 20  # 37 columns past the last whole block
+    scores = torch.randn(40, n, generator=g)
+    scores[1, n - 5] = 50.0  # the best item in the columns past the last block
+    scores[2, :: 3] = -INF  # masked items
+    scores[3, 64:4000] = 9.0  # one tie of 3,936 items straddles the cut: the lowest 20 indices
+    scores[4, 1 : n - 3] = -INF  # fewer than k finite scores
+    scores[5, 100:300] = torch.randint(0, 3, (200,), generator=g).float() + 10.0  # ties inside the top blocks
+    # A tie at the cut between a block of lower columns and one with a higher maximum.
+    scores[6, 64 * 3 : 64 * 3 + 30] = 12.0
+    scores[6, 64 * 20 : 64 * 20 + 30] = 12.0
+    scores[6, 64 * 20 + 40] = 12.5
+    expected = numpy_topk(scores, k)
+    assert torch.equal(topk_items(scores.clone(), k), expected)
+    assert k * 64 + 37 in ranked_widths  # the narrowed rows
+    assert ranked_widths[-1] == n  # the rows whose bound ties (3, 4) ranked whole
+    assert topk_items(scores.clone(), k)[3].tolist() == list(range(64, 84))
+    assert topk_items(scores.clone(), k)[6].tolist()[1:] == list(range(64 * 3, 64 * 3 + 19))
+    # Small integer scores tie at every bound: every row is ranked whole, with the same result.
+    ties = torch.randint(0, 4, (8, n), generator=g).float()
+    assert torch.equal(topk_items(ties.clone(), k), numpy_topk(ties, k))
+    bad = scores.clone()
+    bad[7, 555] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        topk_items(bad, k)
 
 
 def test_topk_never_returns_pad_ahead_of_real_items():

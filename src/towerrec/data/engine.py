@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 NS_PER_DAY = 86_400 * 1_000_000_000
 OPTIONAL = ("price", "quantity", "channel")
+# DuckDB's limit while a source appends its chunks, and while code outside DuckDB works (memory_lowered).
+LOAD_LIMIT = "256MB"
+RELEASED_LIMIT = "32MB"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,25 @@ def connect(settings: EngineSettings, scratch: Path) -> Iterator[duckdb.DuckDBPy
     finally:
         con.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def memory_lowered(con: duckdb.DuckDBPyConnection, limit: str, settings: EngineSettings) -> Iterator[None]:
+    """DuckDB's memory limit lowered to ``limit`` inside, back to ``settings.memory_limit`` on exit.
+
+    DuckDB keeps pages in memory up to its limit after the statements that wrote or read them. Around
+    code that holds large arrays of its own beside the connection (a source appending chunks from
+    Python, numpy passes over written files), a lower limit evicts those pages (the tables stay in the
+    scratch database and reload on their next query), so the two peaks do not add up.
+    """
+    try:
+        con.execute(f"SET memory_limit = '{limit}'")
+    except duckdb.Error as err:  # pages still pinned: the same work, with the usual limit
+        log.debug("DuckDB's memory limit stays %s: %s", settings.memory_limit, err)
+    try:
+        yield
+    finally:
+        con.execute(f"SET memory_limit = '{settings.memory_limit}'")
 
 
 def scratch_folder(processed_dir: Path, settings: EngineSettings) -> Path:
