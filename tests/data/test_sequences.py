@@ -163,7 +163,10 @@ def test_train_item_counts_equal_pandas_in_any_chunks(tmp_path, chunk_positions)
     frame["split"] = frame.groupby("user_idx")["split"].transform(lambda s: sorted(s, key=["train", "val"].index))
     frame.to_parquet(tmp_path / "interactions.parquet", index=False)
     write_sequences(tmp_path / "interactions.parquet", tmp_path)
-    purchases, buyers = train_item_counts(load_sequences(tmp_path), 30, chunk_positions=chunk_positions)
+    seq = load_sequences(tmp_path)
+    assert isinstance(seq.items, np.memmap)  # read with plain reads, a part at a time
+    assert sequences.read_slice(seq.items, 13, 400).tolist() == seq.items[13:400].tolist()
+    purchases, buyers = train_item_counts(seq, 30, chunk_positions=chunk_positions)
     train = frame[frame["split"] == "train"]
     assert purchases.tolist() == train["item_idx"].value_counts().reindex(range(31), fill_value=0).tolist()
     assert buyers.tolist() == train.groupby("item_idx")["user_idx"].nunique().reindex(range(31), fill_value=0).tolist()

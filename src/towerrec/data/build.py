@@ -677,8 +677,8 @@ def user_activity(con: duckdb.DuckDBPyConnection, table: str = "labelled") -> pd
                count(DISTINCT {engine.day_sql()}) AS frequency, fsum({spend}) AS monetary
             FROM {table} WHERE split = 0 GROUP BY user_idx ORDER BY user_idx"""
     ).df()
-    frame["first"] = frame["first"].astype("int64").astype("datetime64[ns]")
-    frame["last"] = frame["last"].astype("int64").astype("datetime64[ns]")
+    for c in ("first", "last"):  # nanosecond integers viewed as times, without copies (5M users at 100M rows)
+        frame[c] = frame[c].to_numpy(dtype=np.int64).view("datetime64[ns]")
     return frame.set_index("user_idx")
 
 
