@@ -108,7 +108,7 @@ def _topk_lower_index(scores: Tensor, k: int) -> Tensor:
     if scores.device.type != "cpu" or n_blocks < MIN_BLOCKS_PER_K * k or n_rows == 0:
         return _topk_lower_index_of_all(scores, k)
     whole = n_blocks * BLOCK_COLUMNS
-    maxima = scores[:, :whole].view(n_rows, n_blocks, BLOCK_COLUMNS).amax(dim=2)  # NaN propagates
+    maxima = scores[:, :whole].reshape(n_rows, n_blocks, BLOCK_COLUMNS).amax(dim=2)  # NaN propagates
     bound, blocks = maxima.topk(k, dim=1)
     narrowed = (maxima >= bound[:, k - 1 :]).sum(dim=1) == k  # False also where the bound is -inf
     offsets = torch.arange(BLOCK_COLUMNS, device=scores.device)
