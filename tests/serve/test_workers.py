@@ -1,10 +1,12 @@
-"""``towerrec-serve --workers 2``: a SIGHUP replaces both workers while every request is answered, and
-the histories sent in requests never reach the server's log."""
+"""``towerrec-serve --workers 2``: each worker listens on its own socket and a burst of new connections
+spreads over both, a SIGHUP replaces both workers while every request is answered, and the histories
+sent in requests never reach the server's log."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ import httpx
 import pytest
 
 from towerrec.retrieval import load_export
+from towerrec.serve.listeners import reuse_port_available
 
 from .conftest import TOKEN, Server
 
@@ -49,6 +52,58 @@ def two_workers(serve_exports, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+def sockets_by_process(pids: set[int], port: int, state: str) -> dict[int, set[str]]:
+    """The TCP sockets on local ``port`` in ``state`` (``/proc/net/tcp`` code: 0A listening, 01
+    established) that each of ``pids`` holds, by inode."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == state:
+            inodes.add(f"socket:[{fields[9]}]")
+    held = {}
+    for pid in pids:
+        links = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                links.add(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                continue
+        held[pid] = links & inodes
+    return held
+
+
+@pytest.mark.skipif(
+    not reuse_port_available("127.0.0.1", 1) or not Path("/proc/net/tcp").is_file(),
+    reason="a listening socket per worker (SO_REUSEPORT) is used on Linux only",
+)
+@pytest.mark.slow
+def test_each_worker_listens_on_its_own_socket_and_a_burst_of_connections_spreads(two_workers):
+    pids = workers(two_workers.proc.pid)
+    deadline = time.monotonic() + 240
+    listening = sockets_by_process(pids, two_workers.port, "0A")
+    while not all(listening.values()):  # a worker listens once it has loaded and verified the export
+        assert time.monotonic() < deadline, listening
+        time.sleep(0.3)
+        listening = sockets_by_process(pids, two_workers.port, "0A")
+    assert [len(s) for s in listening.values()] == [1, 1]
+    assert len(set.union(*listening.values())) == 2  # two sockets, not the parent's one inherited
+    # 16 connections opened at once, no request on any: with one shared socket the worker that woke
+    # first took all of them in most bursts; over a SO_REUSEPORT group the kernel hashes each one to a
+    # worker (all 16 on one of two: 1 in 32,768).
+    conns = [socket.create_connection(("127.0.0.1", two_workers.port), timeout=10) for _ in range(16)]
+    try:
+        deadline = time.monotonic() + 30
+        held = {pid: len(s) for pid, s in sockets_by_process(pids, two_workers.port, "01").items()}
+        while sum(held.values()) < 16:  # until the workers have accepted them all
+            assert time.monotonic() < deadline, held
+            time.sleep(0.1)
+            held = {pid: len(s) for pid, s in sockets_by_process(pids, two_workers.port, "01").items()}
+        assert min(held.values()) >= 1, held
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP") or not Path("/proc").is_dir(), reason="needs POSIX signals and /proc")

@@ -13,6 +13,7 @@ import sys
 
 from towerrec.retrieval import ExportError, load_export
 from towerrec.serve.app import create_app
+from towerrec.serve.listeners import reuse_port_available, run_workers
 from towerrec.serve.options import AUDIENCE_TOKEN_ENV, SETTINGS_ENV, TOKEN_ENV, ServeSettings, settings_env
 
 
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds an idle keep-alive connection stays open (default 75)")  # fmt: skip
     p.add_argument("--worker-start-timeout", type=int, default=600,
                    help="--workers N: seconds a worker may take to load and verify the export (default 600)")  # fmt: skip
+    p.add_argument("--shared-socket", action="store_true",
+                   help="--workers N: one listening socket shared by the workers, as uvicorn does, instead of "
+                        "one per worker (SO_REUSEPORT on Linux, which spreads new connections evenly)")  # fmt: skip
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     args = p.parse_args(argv)
     for name in ("workers", "threads", "max_k", "max_audience_k", "max_batch", "max_items", "max_body_bytes"):
@@ -97,13 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[SETTINGS_ENV] = settings_env(settings)
         # A worker imports the stack and verifies the export before it answers uvicorn's health
         # check; with the 5 s default, uvicorn kills and restarts workers that are still loading.
-        uvicorn.run(
-            "towerrec.serve.app:app_from_env",
-            factory=True,
-            workers=args.workers,
-            timeout_worker_healthcheck=args.worker_start_timeout,
-            **common,
-        )
+        many = dict(workers=args.workers, timeout_worker_healthcheck=args.worker_start_timeout, **common)
+        if args.shared_socket or not reuse_port_available(args.host, args.port):
+            uvicorn.run("towerrec.serve.app:app_from_env", factory=True, **many)
+        else:  # a listening socket per worker: new connections spread evenly over the workers
+            run_workers(uvicorn.Config("towerrec.serve.app:app_from_env", factory=True, **many))
 
 
 if __name__ == "__main__":
