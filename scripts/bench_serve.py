@@ -222,6 +222,33 @@ def connections_per_process(pids: list[int], port: int) -> list[int]:
     return sorted(counts, reverse=True)
 
 
+async def batch_counters(conns: list, host: str) -> dict[str, dict]:
+    """Each server worker's micro-batching counters (``/v1/export``'s ``batching``), keyed by the worker's
+    ``loaded_at``, read over the raw connections (each held by one worker)."""
+    out = {}
+    for conn in conns:
+        status, body = await conn.request(encode("GET", "/v1/export", None, host))
+        if status == 200:
+            info = json.loads(body)
+            out[str(info.get("loaded_at"))] = info.get("batching") or {}
+    return out
+
+
+def mean_batches(before: dict[str, dict], after: dict[str, dict]) -> str:
+    """Queries per batch in each worker between two :func:`batch_counters` readings, for the batcher that
+    moved (``similar`` or ``recommend``); ``–`` where a worker was not seen both times (a reload)."""
+    sizes = []
+    for worker, now in after.items():
+        then = before.get(worker)
+        if then is None:
+            return "–"
+        for kind, c in now.items():
+            batches = c["batches"] - then.get(kind, {}).get("batches", 0)
+            if batches:
+                sizes.append(f"{(c['queries'] - then[kind]['queries']) / batches:.1f}")
+    return "/".join(sizes) or "–"
+
+
 async def drive(url: str, requests: list[tuple[str, str, dict]], clients: int, time_limit: float,
                 at_half=None, client: str = "raw", burst: bool = False, server_pid: int | None = None) -> dict:  # fmt: skip
     """Send ``requests`` (method, path, params-or-json) from ``clients`` concurrent clients; stop at the time limit.
@@ -241,12 +268,13 @@ async def drive(url: str, requests: list[tuple[str, str, dict]], clients: int, t
         encoded = [encode(m, p if m == "POST" else as_path(p, b), b if m == "POST" else None, host)
                    for m, p, b in requests]  # fmt: skip
     conns = [Connection(host, int(port)) if client == "raw" else None for _ in range(clients)]
-    spread = []
-    if client == "raw" and not burst:
+    spread, counted = [], client == "raw" and not burst
+    if counted:
         for conn in conns:  # each connection answers one request before the next opens (as a warm pool)
             await conn.request(encode("GET", "/healthz", None, host))
         if server_pid is not None:
             spread = connections_per_process(process_tree(server_pid), int(port))
+        before = await batch_counters(conns, host)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
 
@@ -277,14 +305,16 @@ async def drive(url: str, requests: list[tuple[str, str, dict]], clients: int, t
                     errors += 1
                     if len(samples) < 3:
                         samples.append(text[:200].decode(errors="replace"))
-            if conn is not None:
-                conn.close()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(conn) for conn in conns))
         wall = time.perf_counter() - t0
+    batch = mean_batches(before, await batch_counters(conns, host)) if counted else "–"
+    for conn in conns:
+        if conn is not None:
+            conn.close()
     return {"done": len(latencies), "errors": errors, "wall": wall, "latencies": latencies,
-            "samples": samples, "spread": spread, **half_result}  # fmt: skip
+            "samples": samples, "spread": spread, "batch": batch, **half_result}  # fmt: skip
 
 
 def run_loop(coro):
@@ -375,6 +405,7 @@ def row(label: str, path: str, r: dict) -> dict:
         out["client CPU ms/req"] = 1000 * r["client_cpu"] / max(1, r["done"])
         out["connections per process"] = "/".join(map(str, r.get("spread") or [])) or "–"
         out["steal %"] = 100 * r["steal"]
+        out["queries per batch, by worker"] = r.get("batch", "–")
     return out
 
 
