@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from towerrec.retrieval import load_export
 from towerrec.serve.listeners import reuse_port_available
 
-from .conftest import TOKEN, Server
+from .conftest import TOKEN, Server, env, serve_command
 
 #: Bounds of the request loop: it stops by itself.
 MAX_REQUESTS = 400
@@ -104,6 +105,19 @@ def test_each_worker_listens_on_its_own_socket_and_a_burst_of_connections_spread
     finally:
         for conn in conns:
             conn.close()
+
+
+@pytest.mark.skipif(not reuse_port_available("127.0.0.1", 1), reason="a listening socket per worker on Linux only")
+def test_workers_on_a_port_in_use_stop_with_one_line(serve_exports):
+    with socket.socket() as taken:  # another program's socket, outside the SO_REUSEPORT group
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run(serve_command(serve_exports["flat"], port, "--workers", "2"),
+                             capture_output=True, text=True, timeout=300, env=env())  # fmt: skip
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP") or not Path("/proc").is_dir(), reason="needs POSIX signals and /proc")

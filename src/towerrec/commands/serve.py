@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.shared_socket or not reuse_port_available(args.host, args.port):
             uvicorn.run("towerrec.serve.app:app_from_env", factory=True, **many)
         else:  # a listening socket per worker: new connections spread evenly over the workers
-            run_workers(uvicorn.Config("towerrec.serve.app:app_from_env", factory=True, **many))
+            try:
+                run_workers(uvicorn.Config("towerrec.serve.app:app_from_env", factory=True, **many))
+            except OSError as err:  # the port is taken (by a process outside the group) or not ours to bind
+                sys.exit(f"error: cannot listen on {args.host}:{args.port}: {err.strerror or err}")
 
 
 if __name__ == "__main__":
