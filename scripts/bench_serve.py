@@ -197,29 +197,12 @@ def as_path(path: str, params: dict) -> str:
 def connections_per_process(pids: list[int], port: int) -> list[int]:
     """Established TCP connections on ``port`` that each of ``pids`` holds (Linux ``/proc``), most first.
 
-    uvicorn's workers share one listening socket, and the worker that wakes first accepts every
-    connection waiting: a burst of new connections can all land on one worker.
+    With one listening socket shared by the workers (``--shared-socket``, uvicorn's way), the worker
+    that wakes first accepts every connection waiting: a burst of new connections can all land on one.
     """
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            f = line.split()
-            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":  # local port, ESTABLISHED
-                inodes.add(f[9])
-    counts = []
-    for pid in pids:
-        try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        except (FileNotFoundError, PermissionError, ProcessLookupError):
-            continue
-        n = sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes)
-        if n:
-            counts.append(n)
-    return sorted(counts, reverse=True)
+    from towerrec.serve.listeners import sockets_held
+
+    return sorted((len(s) for s in sockets_held(pids, port, "01").values() if s), reverse=True)
 
 
 async def batch_counters(conns: list, host: str) -> dict[str, dict]:

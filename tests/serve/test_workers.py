@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from towerrec.retrieval import load_export
-from towerrec.serve.listeners import reuse_port_available
+from towerrec.serve.listeners import reuse_port_available, sockets_held
 
 from .conftest import TOKEN, Server, env, serve_command
 
@@ -55,26 +55,6 @@ def two_workers(serve_exports, tmp_path_factory):
         srv.stop()
 
 
-def sockets_by_process(pids: set[int], port: int, state: str) -> dict[int, set[str]]:
-    """The TCP sockets on local ``port`` in ``state`` (``/proc/net/tcp`` code: 0A listening, 01
-    established) that each of ``pids`` holds, by inode."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == state:
-            inodes.add(f"socket:[{fields[9]}]")
-    held = {}
-    for pid in pids:
-        links = set()
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                links.add(os.readlink(fd))
-            except OSError:  # closed meanwhile
-                continue
-        held[pid] = links & inodes
-    return held
-
-
 @pytest.mark.skipif(
     not reuse_port_available("127.0.0.1", 1) or not Path("/proc/net/tcp").is_file(),
     reason="a listening socket per worker (SO_REUSEPORT) is used on Linux only",
@@ -83,11 +63,11 @@ def sockets_by_process(pids: set[int], port: int, state: str) -> dict[int, set[s
 def test_each_worker_listens_on_its_own_socket_and_a_burst_of_connections_spreads(two_workers):
     pids = workers(two_workers.proc.pid)
     deadline = time.monotonic() + 240
-    listening = sockets_by_process(pids, two_workers.port, "0A")
+    listening = sockets_held(pids, two_workers.port, "0A")
     while not all(listening.values()):  # a worker listens once it has loaded and verified the export
         assert time.monotonic() < deadline, listening
         time.sleep(0.3)
-        listening = sockets_by_process(pids, two_workers.port, "0A")
+        listening = sockets_held(pids, two_workers.port, "0A")
     assert [len(s) for s in listening.values()] == [1, 1]
     assert len(set.union(*listening.values())) == 2  # two sockets, not the parent's one inherited
     # 16 connections opened at once, no request on any: with one shared socket the worker that woke
@@ -96,11 +76,11 @@ def test_each_worker_listens_on_its_own_socket_and_a_burst_of_connections_spread
     conns = [socket.create_connection(("127.0.0.1", two_workers.port), timeout=10) for _ in range(16)]
     try:
         deadline = time.monotonic() + 30
-        held = {pid: len(s) for pid, s in sockets_by_process(pids, two_workers.port, "01").items()}
+        held = {pid: len(s) for pid, s in sockets_held(pids, two_workers.port, "01").items()}
         while sum(held.values()) < 16:  # until the workers have accepted them all
             assert time.monotonic() < deadline, held
             time.sleep(0.1)
-            held = {pid: len(s) for pid, s in sockets_by_process(pids, two_workers.port, "01").items()}
+            held = {pid: len(s) for pid, s in sockets_held(pids, two_workers.port, "01").items()}
         assert min(held.values()) >= 1, held
     finally:
         for conn in conns:

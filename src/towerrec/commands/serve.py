@@ -101,12 +101,13 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[SETTINGS_ENV] = settings_env(settings)
         # A worker imports the stack and verifies the export before it answers uvicorn's health
         # check; with the 5 s default, uvicorn kills and restarts workers that are still loading.
-        many = dict(workers=args.workers, timeout_worker_healthcheck=args.worker_start_timeout, **common)
+        app = "towerrec.serve.app:app_from_env"
+        many = dict(factory=True, workers=args.workers, timeout_worker_healthcheck=args.worker_start_timeout, **common)
         if args.shared_socket or not reuse_port_available(args.host, args.port):
-            uvicorn.run("towerrec.serve.app:app_from_env", factory=True, **many)
+            uvicorn.run(app, **many)
         else:  # a listening socket per worker: new connections spread evenly over the workers
             try:
-                run_workers(uvicorn.Config("towerrec.serve.app:app_from_env", factory=True, **many))
+                run_workers(uvicorn.Config(app, **many))
             except OSError as err:  # the port is taken (by a process outside the group) or not ours to bind
                 sys.exit(f"error: cannot listen on {args.host}:{args.port}: {err.strerror or err}")
 

@@ -14,8 +14,10 @@ instead of using the parent's.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+from pathlib import Path
 from unittest import mock
 
 import uvicorn
@@ -41,7 +43,6 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
 
 
@@ -60,3 +61,32 @@ def run_workers(config: uvicorn.Config) -> None:
             Multiprocess(config, sockets=[]).run()
     finally:
         holder.close()
+
+
+def sockets_held(pids: list[int] | set[int], port: int, state: str) -> dict[int, set[str]]:
+    """The TCP sockets on local ``port`` in ``state`` (``/proc/net/tcp`` codes: ``0A`` listening, ``01``
+    established) that each of ``pids`` holds, by inode (Linux ``/proc``; a process gone holds none)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == state:
+                inodes.add(f"socket:[{f[9]}]")
+    held = {}
+    for pid in pids:
+        links = set()
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            fds = []
+        for fd in fds:
+            try:
+                links.add(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                continue
+        held[pid] = links & inodes
+    return held
