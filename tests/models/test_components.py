@@ -139,6 +139,45 @@ def test_ablations_are_config_only():
         ItemTower(D, partial(ConcatMLPFusion))
 
 
+def _conv_multiply_adds(cnn: SmallCNN, size: int) -> int:
+    total = 0
+
+    def count(conv, _inputs, out):
+        nonlocal total
+        total += out.numel() * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
+    cnn(torch.randint(0, 256, (1, size, size, 3), dtype=torch.uint8))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+@pytest.mark.parametrize("stem", SmallCNN.STEMS)
+def test_small_cnn_stems_shape_and_train(stem):
+    torch.manual_seed(0)
+    cnn = SmallCNN(D, channels=8, stem=stem)
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    out = cnn(images)
+    assert out.shape == (5, D)
+    out.square().sum().backward()
+    convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in convs)
+
+
+def test_patch_stem_does_about_a_third_of_the_work():
+    conv3 = _conv_multiply_adds(SmallCNN(D, channels=8, stem="conv3"), 32)
+    patch4 = _conv_multiply_adds(SmallCNN(D, channels=8, stem="patch4"), 32)
+    assert conv3 == 792_576 and patch4 == 319_488  # the figures in SmallCNN's docstring
+    stem = SmallCNN(D, channels=8, stem="patch4").backbone[0][0]
+    assert (stem.kernel_size, stem.stride, stem.padding) == ((4, 4), (4, 4), (0, 0))  # each pixel seen once
+
+
+def test_unknown_stem_is_one_line():
+    with pytest.raises(ValueError, match=r"^SmallCNN: stem must be one of conv3, patch4, not 'patch8'$"):
+        SmallCNN(D, stem="patch8")
+
+
 def test_gated_fusion_shapes():
     f = GatedSumFusion(in_dim=D, n_inputs=3, out_dim=D)
     assert f([torch.randn(4, D) for _ in range(3)]).shape == (4, D)

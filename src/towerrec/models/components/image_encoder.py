@@ -98,32 +98,53 @@ class _ImageEncoder(nn.Module):
 
 
 class SmallCNN(_ImageEncoder):
-    """A four-block CNN with a stride-2 stem, fast on a CPU, enough to see shape, colour and pattern.
+    """A four-block CNN with a downsampling stem, fast on a CPU, enough to see shape, colour and pattern.
 
     Args:
         out_dim: output size.
         channels: width of the first block (doubled up to the third).
         trainable: train the convolutional part (False freezes it and caches its features).
         cache_dir: where frozen features are cached on disk (None: in memory).
+        stem: ``conv3``, a 3x3 convolution at stride 2, then a 2x2 max-pool after the second and the
+            third block; or ``patch4``, non-overlapping 4x4 patches (a 4x4 convolution at stride 4, as
+            in ConvNeXt) and one max-pool, after the second block. ``patch4`` does about a third of
+            the multiply-adds (0.32M against 0.79M an image at 32 px, 8 channels) over a quarter of
+            the activations.
     """
 
-    def __init__(self, out_dim: int, channels: int = 32, trainable: bool = True, cache_dir: str | None = None) -> None:
+    STEMS = ("conv3", "patch4")
+
+    def __init__(
+        self, out_dim: int, channels: int = 32, trainable: bool = True, cache_dir: str | None = None, stem: str = "conv3"
+    ) -> None:
         super().__init__(out_dim, trainable, cache_dir)
+        if stem not in self.STEMS:
+            raise ValueError(f"SmallCNN: stem must be one of {', '.join(self.STEMS)}, not {stem!r}")
         c = channels
 
-        def block(i: int, o: int, stride: int = 1) -> nn.Sequential:
+        def block(i: int, o: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)
+                nn.Conv2d(i, o, kernel, stride=stride, padding=(kernel - 1) // 2 if kernel == 3 else 0, bias=False),
+                nn.BatchNorm2d(o),
+                nn.ReLU(inplace=True),
             )
 
-        # A stride-2 stem keeps it cheap: the colour and coarse shape survive the downsampling.
-        self.backbone = nn.Sequential(
-            block(3, c, stride=2),
-            block(c, 2 * c), nn.MaxPool2d(2),
-            block(2 * c, 4 * c), nn.MaxPool2d(2),
-            block(4 * c, 4 * c),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
+        if stem == "conv3":
+            # A stride-2 stem keeps it cheap: the colour and coarse shape survive the downsampling.
+            layers = [
+                block(3, c, stride=2),
+                block(c, 2 * c), nn.MaxPool2d(2),
+                block(2 * c, 4 * c), nn.MaxPool2d(2),
+                block(4 * c, 4 * c),
+            ]  # fmt: skip
+        else:
+            layers = [
+                block(3, c, stride=4, kernel=4),
+                block(c, 2 * c), nn.MaxPool2d(2),
+                block(2 * c, 4 * c),
+                block(4 * c, 4 * c),
+            ]  # fmt: skip
+        self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.feature_dim = 4 * c
         self._finish()
 
