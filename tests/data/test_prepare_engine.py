@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import HAS_HM, HM_ROOT, compose_cfg
@@ -190,3 +191,53 @@ def test_memory_lowered_hands_duckdb_pages_back_and_restores_the_limit(tmp_path)
         with pytest.raises(KeyError), engine.memory_lowered(con, "4MB", settings):
             raise KeyError("a step fails")
         assert engine.scalar(con, "SELECT current_setting('memory_limit')") == limit
+
+
+def _segments_by_join(activity, n_users, train_end, new_days, active_days):
+    """The earlier ``customer_segments``: a frame of every user joined to the per-user aggregates."""
+    seg = pd.DataFrame(index=pd.Index(np.arange(1, n_users + 1), name="user_idx"))
+    agg = activity[["first", "last", "frequency", "monetary"]].copy()
+    agg["recency_days"] = (train_end - agg["last"]).dt.total_seconds() / 86400.0
+
+    def q3(x, ascending):
+        r = x.rank(method="first", ascending=ascending)
+        return pd.qcut(r, 3, labels=[1, 2, 3]).astype(int) if len(x) >= 3 else pd.Series(2, index=x.index)
+
+    agg["rfm_r"] = q3(agg["recency_days"], ascending=False)
+    agg["rfm_f"] = q3(agg["frequency"], ascending=True)
+    agg["rfm_m"] = q3(agg["monetary"], ascending=True)
+    days_since_first = (train_end - agg["first"]).dt.total_seconds() / 86400.0
+    agg["lifecycle"] = pd.Categorical.from_codes(
+        np.where(days_since_first <= new_days, 0, np.where(agg["recency_days"] <= active_days, 1, 2)),
+        build.LIFECYCLE,
+    )
+    seg = seg.join(agg[["recency_days", "frequency", "monetary", "rfm_r", "rfm_f", "rfm_m", "lifecycle"]])
+    seg["lifecycle"] = seg["lifecycle"].fillna("no_history")
+    for c in ("rfm_r", "rfm_f", "rfm_m"):
+        seg[c] = seg[c].fillna(0).astype(int)
+    code = np.where(seg["rfm_r"] > 0, (seg["rfm_r"] - 1) * 9 + (seg["rfm_f"] - 1) * 3 + seg["rfm_m"], 0)
+    seg["rfm_segment"] = pd.Categorical.from_codes(code, build.RFM_SEGMENTS)
+    return seg.reset_index()
+
+
+@pytest.mark.parametrize(("n_users", "active"), [(500, 500), (500, 337), (50, 2), (7, 3)])
+def test_customer_segments_by_position_equal_the_join(n_users, active):
+    """Every user, some users without history (NaN, rfm 0, no_history), ties in every score, fewer than 3."""
+    rng = np.random.default_rng(active)
+    users = np.sort(rng.choice(np.arange(1, n_users + 1), size=active, replace=False))
+    end = pd.Timestamp("2024-03-01")
+    last = end - pd.to_timedelta(rng.integers(0, 20, active), unit="D")  # ties in recency
+    first = last - pd.to_timedelta(rng.integers(0, 90, active), unit="D")
+    activity = pd.DataFrame(
+        {
+            "n_train": rng.integers(1, 9, active),
+            "first": first.to_numpy(),
+            "last": last.to_numpy(),
+            "frequency": rng.integers(1, 4, active),  # ties
+            "monetary": rng.choice([1.0, 2.5, 10.0], active),  # ties
+        },
+        index=pd.Index(users, name="user_idx"),
+    )
+    got = build.customer_segments(activity, n_users, end, 30, 10)
+    pd.testing.assert_frame_equal(got, _segments_by_join(activity, n_users, end, 30, 10), check_exact=True)
+    assert (got["lifecycle"] == "no_history").sum() == n_users - active

@@ -368,33 +368,51 @@ def customer_segments(
             ``last``, ``frequency``, ``monetary``), indexed by ``user_idx`` in increasing order.
     """
     idx = np.arange(1, n_users + 1)
-    seg = pd.DataFrame(index=pd.Index(idx, name="user_idx"))
     if len(activity) == 0:
+        seg = pd.DataFrame(index=pd.Index(idx, name="user_idx"))
         seg["lifecycle"] = "no_history"
         return seg.reset_index()
-    agg = activity[["first", "last", "frequency", "monetary"]].copy()
-    agg["recency_days"] = (train_end - agg["last"]).dt.total_seconds() / 86400.0
+    # Per-user arrays filled by position (user_idx - 1), not a frame joined to all users: at 5M
+    # customers the join and its fills held several copies of every column. The values and dtypes are
+    # the join's: users without a training purchase get NaN (so an integer column becomes float, as a
+    # join makes it), rfm 0 and lifecycle ``no_history``.
+    at = activity.index.to_numpy() - 1
+    everyone = len(at) == n_users
 
-    def q3(x: pd.Series, ascending: bool) -> pd.Series:
+    def spread(values: np.ndarray, missing: float | int) -> np.ndarray:
+        if everyone:
+            return values
+        out = np.full(n_users, missing, dtype=np.result_type(values.dtype, np.asarray(missing).dtype))
+        out[at] = values
+        return out
+
+    def q3(x: pd.Series, ascending: bool) -> np.ndarray:
+        if len(x) < 3:
+            return np.full(len(x), 2, dtype=np.int64)
         r = x.rank(method="first", ascending=ascending)
-        return pd.qcut(r, 3, labels=[1, 2, 3]).astype(int) if len(x) >= 3 else pd.Series(2, index=x.index)
+        return pd.qcut(r, 3, labels=[1, 2, 3]).astype(int).to_numpy()
 
-    agg["rfm_r"] = q3(agg["recency_days"], ascending=False)
-    agg["rfm_f"] = q3(agg["frequency"], ascending=True)
-    agg["rfm_m"] = q3(agg["monetary"], ascending=True)
-    days_since_first = (train_end - agg["first"]).dt.total_seconds() / 86400.0
-    # Categoricals: a few bytes per customer, not a string each (millions of customers).
-    agg["lifecycle"] = pd.Categorical.from_codes(
-        np.where(days_since_first <= new_days, 0, np.where(agg["recency_days"] <= active_days, 1, 2)),
-        LIFECYCLE,
+    recency_days = (train_end - activity["last"]).dt.total_seconds() / 86400.0
+    days_since_first = (train_end - activity["first"]).dt.total_seconds() / 86400.0
+    rfm = {
+        "rfm_r": spread(q3(recency_days, ascending=False), 0),
+        "rfm_f": spread(q3(activity["frequency"], ascending=True), 0),
+        "rfm_m": spread(q3(activity["monetary"], ascending=True), 0),
+    }
+    stage = np.where(days_since_first <= new_days, 0, np.where(recency_days <= active_days, 1, 2))
+    code = np.where(rfm["rfm_r"] > 0, (rfm["rfm_r"] - 1) * 9 + (rfm["rfm_f"] - 1) * 3 + rfm["rfm_m"], 0)
+    return pd.DataFrame(
+        {
+            "user_idx": idx,
+            "recency_days": spread(recency_days.to_numpy(), np.nan),
+            "frequency": spread(activity["frequency"].to_numpy(), np.nan),
+            "monetary": spread(activity["monetary"].to_numpy(), np.nan),
+            **rfm,
+            # Categoricals: a few bytes per customer, not a string each (millions of customers).
+            "lifecycle": pd.Categorical.from_codes(spread(stage, LIFECYCLE.index("no_history")), LIFECYCLE),
+            "rfm_segment": pd.Categorical.from_codes(code, RFM_SEGMENTS),
+        }
     )
-    seg = seg.join(agg[["recency_days", "frequency", "monetary", "rfm_r", "rfm_f", "rfm_m", "lifecycle"]])
-    seg["lifecycle"] = seg["lifecycle"].fillna("no_history")
-    for c in ("rfm_r", "rfm_f", "rfm_m"):
-        seg[c] = seg[c].fillna(0).astype(int)  # 0 = no training history
-    code = np.where(seg["rfm_r"] > 0, (seg["rfm_r"] - 1) * 9 + (seg["rfm_f"] - 1) * 3 + seg["rfm_m"], 0)
-    seg["rfm_segment"] = pd.Categorical.from_codes(code, RFM_SEGMENTS)
-    return seg.reset_index()
 
 
 # ----------------------------------------------------------------------------- main
