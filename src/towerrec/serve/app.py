@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from towerrec.retrieval import ItemIndex
+from towerrec.serve.deps import limits_of
 from towerrec.serve.errors import one_line_errors
 from towerrec.serve.openapi import stated_limits
 from towerrec.serve.options import ServeSettings, settings_from_env
@@ -65,6 +66,7 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
         responses={500: {"model": Problem, "description": "an unexpected error (one line; see the server log)"}},
     )
     app.state.settings = settings
+    app.state.limits = limits_of(settings)
     app.state.holder = ExportHolder(settings.export, settings.gpu, settings.threads, index)
     app.openapi = stated_limits(app, settings)  # the schema states this server's limits
     one_line_errors(app, settings.max_body_bytes)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -33,6 +33,7 @@ from towerrec.serve.deps import (
     Limits,
     LimitsDep,
     ServedDep,
+    query_context,
     require_admin,
     require_audience_token,
 )
@@ -235,11 +236,11 @@ def answer_batch(answer: Callable[[Served, Limits, object], dict], served: Serve
 
 
 @queries.get("/items/{item_id}/similar", response_model=Results, responses=QUERY)
-async def similar_items(
-    item_id: str, params: Annotated[SimilarQuery, Query()], served: ServedDep, limits: LimitsDep
-) -> JSONResponse:
+async def similar_items(item_id: str, params: Annotated[SimilarQuery, Query()], request: Request) -> JSONResponse:
     """Items most similar to ``item_id`` (the product page); cold items go through their content path."""
-    q = SimilarRequest(item_id=item_id, k=params.k, exclude=split_ids(params.exclude))
+    served, limits = query_context(request)
+    # The parameters were validated as SimilarQuery; the path's id is a string.
+    q = SimilarRequest.model_construct(item_id=item_id, k=params.k, exclude=split_ids(params.exclude))
     check_similar(served, limits, q)
     hits = await served.similar.answer((q.item_id, q.k, q.exclude))
     return AnswerJSON(similar_answer(served, q, hits))
@@ -252,8 +253,9 @@ def similar_batch(body: SimilarBatch, served: ServedDep, limits: LimitsDep) -> J
 
 
 @queries.post("/recommend", response_model=Results, responses=RECOMMEND)
-async def recommend_one(body: RecommendRequest, served: ServedDep, limits: LimitsDep) -> JSONResponse:
+async def recommend_one(body: RecommendRequest, request: Request) -> JSONResponse:
     """Items for a purchase history (the cart, the home page); each result says ``because``."""
+    served, limits = query_context(request)
     check_recommend(served, limits, body)
     if not served.user_model_loaded:
         await run_in_threadpool(load_user_model, served)
