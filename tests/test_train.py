@@ -13,7 +13,7 @@ import torch
 from conftest import HM_ROOT, TINY_DATA, TINY_TRAIN, compose_cfg, needs_hm
 
 from towerrec import CONFIG_DIR
-from towerrec.commands.train import train
+from towerrec.commands.train import build, train
 from towerrec.evaluation.results import read_results
 
 # The *_pretrained experiments need the extras and 128-px images: tests/models/test_pretrained.py runs them.
@@ -114,11 +114,15 @@ def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Completed
     return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-#: How far two processes at batch b may land from one process at batch 2b after the same global batches:
-#: each rank's loss sees only its own half of the batch as in-batch negatives and DDP averages the two
-#: halves' mean losses (not the mean over all positions), so the weights differ slightly (measured:
-#: see the README's multi-node section).
-DDP_TOLERANCE = 0.02
+#: Two processes at batch b against one at 2b, after the same two global batches: the cosine between the
+#: two runs' weight updates (trained minus initial weights). Each rank's loss sees only its own half of
+#: the batch as in-batch negatives and draws its own uniform negatives, and DDP averages the two halves'
+#: mean losses, so the updates differ a little. Measured on this tiny shop, seeds 42, 1 and 2, both
+#: SmallCNN stems: 0.880 to 0.930; two processes at 2b (a different global batch, sharing half of each
+#: one-process batch): 0.775 and 0.808. The test figures of a model two steps from its initialisation
+#: are mostly noise on 126 test users (Recall@20 0.19 to 0.34 across those seeds; the two runs differed
+#: by up to 0.049), so they are not what is compared.
+DDP_MIN_UPDATE_COSINE = 0.85
 
 
 #: Dropout off in the DDP comparison: each process draws its own masks, so two processes and one never
@@ -131,18 +135,39 @@ NO_DROPOUT = [
 ]  # fmt: skip
 
 
+def _update_cosine(init: torch.Tensor, run: Path, other: Path) -> float:
+    def trained(folder: Path) -> torch.Tensor:
+        return _flat(torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"])
+
+    return float(torch.nn.functional.cosine_similarity(trained(run) - init, trained(other) - init, dim=0))
+
+
+def _flat(state: dict) -> torch.Tensor:
+    """The trainable weights as one vector (batch-norm statistics and counters left out)."""
+    keep = [k for k, v in sorted(state.items()) if v.is_floating_point() and "running_" not in k]
+    return torch.cat([state[k].flatten().float() for k in keep])
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process_at_the_same_global_batch(tiny_processed_dir, tmp_path):
     base = [*TINY_DATA, f"data.processed_dir={tiny_processed_dir}", *TINY_TRAIN, *NO_DROPOUT]
-    two = _cli([*base, f"paths.output_dir={tmp_path / 'two'}", "trainer=ddp", "trainer.accelerator=cpu",
-                "trainer.devices=2", "datamodule.batch_size=16"], tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = _cli([*base, f"paths.output_dir={tmp_path / 'one'}", "datamodule.batch_size=32"], tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    runs = {
+        "one": ["datamodule.batch_size=32"],
+        "two": [*ddp, "datamodule.batch_size=16"],  # the same global batches as "one"
+        "two_at_32": [*ddp, "datamodule.batch_size=32"],  # other global batches: the control
+    }
+    for name, args in runs.items():
+        done = _cli([*base, f"paths.output_dir={tmp_path / name}", *args], tmp_path)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
     a, b = (read_results(tmp_path / name / "metrics.json").scores()["all"] for name in ("two", "one"))
     assert a["users"] == b["users"] > 0
-    for key in ("recall@20", "ndcg@20"):
-        assert a[key] == pytest.approx(b[key], abs=DDP_TOLERANCE), key
+    # The initial weights: the run's own config built again (seeded as towerrec-train seeds it).
+    _, model, _ = build(compose_cfg("train", [*base, "datamodule.batch_size=32"], tmp_path / "init"))
+    init = _flat(model.state_dict())
+    same = _update_cosine(init, tmp_path / "one", tmp_path / "two")
+    other = _update_cosine(init, tmp_path / "one", tmp_path / "two_at_32")
+    assert same >= DDP_MIN_UPDATE_COSINE > other, (same, other)
 
 
 @pytest.mark.slow

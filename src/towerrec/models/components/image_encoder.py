@@ -124,7 +124,7 @@ class SmallCNN(_ImageEncoder):
 
         def block(i: int, o: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(i, o, kernel, stride=stride, padding=(kernel - 1) // 2 if kernel == 3 else 0, bias=False),
+                nn.Conv2d(i, o, kernel, stride=stride, padding=1 if kernel == 3 else 0, bias=False),
                 nn.BatchNorm2d(o),
                 nn.ReLU(inplace=True),
             )
