@@ -510,6 +510,7 @@ def _build(settings: PrepareSettings, workers: int) -> None:
             with engine.memory_lowered(con, engine.RELEASED_LIMIT, settings.engine):  # numpy and pandas only
                 sequences = write_sequences(tmp / "interactions.parquet", tmp)
                 features = _item_files(tmp, items, raw, images, settings, workers)
+            images = None  # written to images.npy: not held through the users step (150 MB at 200k items)
             n_users = _write_users(con, raw, tmp / "users.parquet", split_info, settings)
             manifest = {
                 "towerrec_prepare_version": PREPARE_VERSION,
