@@ -375,7 +375,7 @@ def main() -> None:
     p.add_argument(
         "--sizes", type=lambda v: v.split(","), default=["1M", "10M", "100M"], help=f"of {', '.join(SCALES)}"
     )
-    p.add_argument("--memory-limit", default="1GB", help="data.engine.memory_limit of the scale runs")
+    p.add_argument("--memory-limit", default="512MB", help="data.engine.memory_limit of the scale runs")
     p.add_argument("--repeats", type=int, default=2, help="H&M forced rebuilds")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (prepare.yaml: workers)")
     p.add_argument("--no-trace", action="store_true", help="skip the line-traced runs")

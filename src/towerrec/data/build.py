@@ -382,24 +382,27 @@ def customer_segments(
     def spread(values: np.ndarray, missing: float | int) -> np.ndarray:
         if everyone:
             return values
-        out = np.full(n_users, missing, dtype=np.result_type(values.dtype, np.asarray(missing).dtype))
+        out = np.full(n_users, missing, dtype=np.result_type(values.dtype, missing))
         out[at] = values
         return out
 
     def q3(x: pd.Series, ascending: bool) -> np.ndarray:
         if len(x) < 3:
-            return np.full(len(x), 2, dtype=np.int64)
+            return np.full(len(x), 2, dtype=np.int8)
         r = x.rank(method="first", ascending=ascending)
-        return pd.qcut(r, 3, labels=[1, 2, 3]).astype(int).to_numpy()
+        return (pd.qcut(r, 3, labels=False).astype(np.int8) + 1).to_numpy()
 
     recency_days = (train_end - activity["last"]).dt.total_seconds() / 86400.0
     days_since_first = (train_end - activity["first"]).dt.total_seconds() / 86400.0
+    # Scores and codes in one byte each (5M customers: 5 MB a column, not 40); users.parquet stores
+    # the scores as BIGINT (see _write_users).
     rfm = {
         "rfm_r": spread(q3(recency_days, ascending=False), 0),
         "rfm_f": spread(q3(activity["frequency"], ascending=True), 0),
         "rfm_m": spread(q3(activity["monetary"], ascending=True), 0),
     }
-    stage = np.where(days_since_first <= new_days, 0, np.where(recency_days <= active_days, 1, 2))
+    stage = np.where(days_since_first <= new_days, 0, np.where(recency_days <= active_days, 1, 2)).astype(np.int8)
+    del days_since_first
     code = np.where(rfm["rfm_r"] > 0, (rfm["rfm_r"] - 1) * 9 + (rfm["rfm_f"] - 1) * 3 + rfm["rfm_m"], 0)
     return pd.DataFrame(
         {
@@ -411,7 +414,8 @@ def customer_segments(
             # Categoricals: a few bytes per customer, not a string each (millions of customers).
             "lifecycle": pd.Categorical.from_codes(spread(stage, LIFECYCLE.index("no_history")), LIFECYCLE),
             "rfm_segment": pd.Categorical.from_codes(code, RFM_SEGMENTS),
-        }
+        },
+        copy=False,  # one block per column: consolidating them copied every column while the inputs lived
     )
 
 
@@ -722,8 +726,8 @@ def _write_users(
         )
         n_train = np.zeros(n_users + 1, dtype=np.int64)
         n_train[activity.index.to_numpy()] = activity["n_train"].to_numpy()
-        segs.insert(1, "n_train", n_train[segs["user_idx"].to_numpy()])
         del activity
+        segs.insert(1, "n_train", n_train[1:])  # segs holds users 1..n in order
     attrs = [c for c in raw.users.columns if c != "user_id"] if "user_id" in raw.users else []
     if attrs:  # the source's attributes (first row per user), joined by raw id
         con.register("_attrs", raw.users.drop_duplicates("user_id"))
@@ -734,7 +738,7 @@ def _write_users(
         seg_cols = [c for c in segs.columns if c not in ("user_idx", "lifecycle", "rfm_segment")]
         select = (
             f"SELECT m.user_idx::BIGINT AS user_idx, m.user_id{cols}, "
-            + ", ".join(f"s.{c}" for c in seg_cols)
+            + ", ".join(f"s.{c}::BIGINT AS {c}" if c.startswith("rfm_") else f"s.{c}" for c in seg_cols)
             + ", s.lifecycle::VARCHAR AS lifecycle, s.rfm_segment::VARCHAR AS rfm_segment "
             f"FROM user_map m {join} JOIN _segs s USING (user_idx) "
         )

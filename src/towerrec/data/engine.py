@@ -41,14 +41,14 @@ class EngineSettings:
     """DuckDB's resources while preparing (they change how fast, never what is written).
 
     Attributes:
-        memory_limit: DuckDB's memory limit (``"1GB"``); what does not fit spills to disk. Pandas
+        memory_limit: DuckDB's memory limit (``"512MB"``); what does not fit spills to disk. Pandas
             holds the users' aggregates and the items beside it, so leave room for those.
         threads: DuckDB threads; 0 takes every core.
         spill_dir: folder for the scratch database and the spill files; by default beside the
             processed folder (``.<name>.spill-*``), removed when the build ends.
     """
 
-    memory_limit: str = "1GB"
+    memory_limit: str = "512MB"
     threads: int = 0
     spill_dir: str | None = None
 
