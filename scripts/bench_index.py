@@ -43,6 +43,7 @@ from towerrec.retrieval.index import (
 )
 
 CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "index").glob("*.yaml"))
+MIN_SECONDS = 0.5  # each timing lasts at least this long (see time_queries)
 
 
 def load_spec(name: str) -> IndexSpec:
@@ -50,10 +51,13 @@ def load_spec(name: str) -> IndexSpec:
 
 
 def time_queries(
-    searchers: list, queries: np.ndarray, n_single: int, repeat: int
+    searchers: list, queries: np.ndarray, n_single: int, repeat: int, min_seconds: float = MIN_SECONDS
 ) -> list[tuple[float, float]]:
     """(single-query QPS, batched QPS) of each searcher, best of ``repeat`` runs each.
 
+    Each run times at least ``n_single`` single queries and one pass of the batch, and goes on (the
+    same queries again) until ``min_seconds`` have passed: a batch of 2,000 fast queries takes 0.1 s,
+    too short a timing for a shared machine (one such timing made a 10M-item batch look 0.4x of raw).
     The searchers take turns within each run, so a machine that gets busier or quieter part way
     through slows them alike and the ratios stay fair. Single queries run on one OpenMP thread: for one
     query FAISS's thread start-up costs more than it saves, and on a busy machine it makes timings
@@ -62,17 +66,22 @@ def time_queries(
     single = [[] for _ in searchers]
     batched = [[] for _ in searchers]
     threads = faiss.omp_get_max_threads()
+    n_single = max(1, min(n_single, len(queries)))
     for _ in range(repeat):
         for j, search_one in enumerate(searchers):
             faiss.omp_set_num_threads(1)
-            t = time.perf_counter()
-            for i in range(n_single):
+            done, t = 0, time.perf_counter()
+            while done < n_single or time.perf_counter() - t < min_seconds:
+                i = done % n_single
                 search_one(queries[i : i + 1])
-            single[j].append(n_single / (time.perf_counter() - t))
+                done += 1
+            single[j].append(done / (time.perf_counter() - t))
             faiss.omp_set_num_threads(threads)
-            t = time.perf_counter()
-            search_one(queries)
-            batched[j].append(len(queries) / (time.perf_counter() - t))
+            done, t = 0, time.perf_counter()
+            while done == 0 or time.perf_counter() - t < min_seconds:
+                search_one(queries)
+                done += len(queries)
+            batched[j].append(done / (time.perf_counter() - t))
     return [(max(s), max(b)) for s, b in zip(single, batched, strict=True)]
 
 
@@ -109,7 +118,7 @@ def bench_config(name, x, ids, queries, exact, args) -> list[dict]:
         row["raw_build_s"] = time.perf_counter() - t
         row["raw_recall"] = ann_recall(raw.search(queries, args.k)[1], exact, args.k)
         searchers.append(lambda q: raw.search(q, args.k))
-    timings = time_queries(searchers, queries, args.single, args.repeat)
+    timings = time_queries(searchers, queries, args.single, args.repeat, args.min_seconds)
     row["qps1"], row["qpsb"] = timings[0]
     if not args.skip_raw:
         row["raw_qps1"], row["raw_qpsb"] = timings[1]
@@ -118,7 +127,9 @@ def bench_config(name, x, ids, queries, exact, args) -> list[dict]:
         for ef in args.sweep_ef:
             set_params(index, {"efSearch": ef})
             recall = ann_recall(search(index, queries, args.k)[1], exact, args.k)
-            ((qps1, qpsb),) = time_queries([lambda q: search(index, q, args.k)], queries, args.single, 1)
+            ((qps1, qpsb),) = time_queries(
+                [lambda q: search(index, q, args.k)], queries, args.single, 1, args.min_seconds
+            )
             rows.append({"index": f"{name} efSearch={ef}", "recall": recall, "qps1": qps1, "qpsb": qpsb})
     return rows
 
@@ -142,7 +153,7 @@ def bench_loaded_export(path: Path, queries, exact, args) -> dict:
     row["raw_recall"] = ann_recall(raw.search(queries, args.k)[1], exact, args.k)
     searchers = [lambda q: item_index.search(q, args.k), lambda q: raw.search(q, args.k)]
     (row["qps1"], row["qpsb"]), (row["raw_qps1"], row["raw_qpsb"]) = time_queries(
-        searchers, queries, args.single, args.repeat
+        searchers, queries, args.single, args.repeat, args.min_seconds
     )
     return row
 
@@ -245,7 +256,7 @@ def child_main(job: dict) -> None:
     faiss.write_index(index, str(path))
     all_q = np.concatenate([q["held_out"], q["items"]])
     searcher = (lambda v: search(index, v, job["k"])) if job["side"] == "project" else (lambda v: index.search(v, job["k"]))
-    ((qps1, qpsb),) = time_queries([searcher], all_q, job["single"], job["repeat"])
+    ((qps1, qpsb),) = time_queries([searcher], all_q, job["single"], job["repeat"], job["min_seconds"])
     print(json.dumps({
         "factory": factory, "params": params, "build_s": build_s, "size_mb": path.stat().st_size / 2**20,
         "recall_user": point.recall["user"], "recall_item": point.recall["item"], "qps1": qps1, "qpsb": qpsb,
@@ -296,7 +307,7 @@ def scale(args) -> str:
                 rows.append({"data": label, "index": name, "factory": f"{factory}: not run (HNSW build > 1 h here)"})
                 continue
             job = {"vectors": str(vec_path), "queries": str(q_path), "n": args.n, "config": name, "k": args.k,
-                   "single": args.single, "repeat": args.repeat, "index_file": str(workdir / f"{name}.faiss")}  # fmt: skip
+                   "single": args.single, "repeat": args.repeat, "min_seconds": args.min_seconds, "index_file": str(workdir / f"{name}.faiss")}  # fmt: skip
             mine = run_child({**job, "side": "project"})
             raw = run_child({**job, "side": "raw", "factory": mine["factory"], "params": mine["params"]})
             rows.append({"data": label, "index": name, "mine": mine, "raw": raw})
@@ -356,6 +367,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=1000, help="queries for recall and batched QPS")
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     p.add_argument("--repeat", type=int, default=3, help="timing runs; the best is kept")
+    p.add_argument("--min-seconds", type=float, default=MIN_SECONDS,
+                   help="each timing goes on (repeating the queries) until this long")  # fmt: skip
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)  # --scale: e.g. auto ivf_flat
     p.add_argument("--export", type=Path, help="also bench on this export folder's item embeddings")

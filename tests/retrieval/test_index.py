@@ -90,7 +90,9 @@ def test_build_refuses_unnormalised_vectors_and_unknown_params():
     one_off = normalized(x)
     one_off[-1] *= 1.01  # the last row alone, 2% off in squared norm: every row is checked
     with pytest.raises(ValueError, match="L2-normalised"):
-        build_index(IndexSpec(name="f", factory="Flat"), one_off, np.arange(1, 101))
+        build_index(IndexSpec(name="f", factory="Flat"), one_off, np.arange(1, 101))  # checked beside the add
+    with pytest.raises(ValueError, match="L2-normalised"):
+        build_index(IndexSpec(name="i", factory="IVF2,Flat"), one_off, np.arange(1, 101))  # before training
     with pytest.raises(ValueError, match="efSearch"):
         build_index(
             IndexSpec(name="f", factory="Flat", search_params={"efSearch": 10}),
