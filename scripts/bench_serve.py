@@ -312,15 +312,24 @@ def run_loop(coro):
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds of these processes (Linux ``/proc``; 0 for one that is gone)."""
-    tick = os.sysconf("SC_CLK_TCK")
+    return _stat_sum(pids, (11, 12)) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def minor_faults(pids: list[int]) -> int:
+    """Minor page faults of these processes: memory the kernel mapped (and zeroed) for them."""
+    return _stat_sum(pids, (7,))  # minflt
+
+
+def _stat_sum(pids: list[int], columns: tuple[int, ...]) -> int:
+    """The sum of ``/proc/<pid>/stat`` columns (counted after the command name) over ``pids``."""
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+        total += sum(int(fields[c]) for c in columns)
+    return total
 
 
 def process_tree(pid: int) -> list[int]:
@@ -360,8 +369,10 @@ def phase(server_pid: int, coro) -> dict:
     """
     pids = process_tree(server_pid)
     server0, client0, machine0 = cpu_seconds(pids), time.process_time(), cpu_times()
+    faults0 = minor_faults(pids)
     result = run_loop(coro)
     result["server_cpu"] = cpu_seconds(pids) - server0
+    result["server_faults"] = minor_faults(pids) - faults0
     result["client_cpu"] = time.process_time() - client0
     result["steal"] = steal_share(machine0, cpu_times())
     return result
@@ -386,6 +397,7 @@ def row(label: str, path: str, r: dict) -> dict:
     if "server_cpu" in r:  # CPU per request: who pays for it, the server or the load generator
         out["server CPU ms/req"] = 1000 * r["server_cpu"] / max(1, r["done"])
         out["client CPU ms/req"] = 1000 * r["client_cpu"] / max(1, r["done"])
+        out["server page faults/req"] = r["server_faults"] / max(1, r["done"])
         out["connections per process"] = "/".join(map(str, r.get("spread") or [])) or "–"
         out["steal %"] = 100 * r["steal"]
         out["queries per batch, by worker"] = r.get("batch", "–")
