@@ -11,9 +11,12 @@ from towerrec.retrieval.index import (
     ann_recall,
     build_index,
     measure_recall,
+    mmap_flags,
     normalized,
+    read_index,
     search,
     select_faiss_device,
+    set_params,
 )
 
 from .conftest import INDEX_CONFIGS, index_spec
@@ -124,3 +127,21 @@ def test_an_add_in_chunks_builds_the_index_of_one_add(factory, same_answers):
         for a, b in zip(search(whole, q, 10), search(chunked, q, 10), strict=True):
             np.testing.assert_array_equal(a, b)
     assert set(search(chunked, x[:50], 1)[1][:, 0].tolist()) == set(ids[:50].tolist())  # each finds itself
+
+
+def test_a_mapped_ivf_index_searches_without_prefetch_threads(tmp_path):
+    """A mapped IVF index (``OnDiskInvertedLists``) would start up to 32 threads per search to prefetch
+    the probed lists; ``read_index`` turns them off and the answers stay those of the in-memory index."""
+    x = _unit(2000, 16)
+    built = build_index(IndexSpec(name="i", factory="IVF16,Flat"), x, np.arange(1, 2001))
+    path = tmp_path / "index.faiss"
+    faiss.write_index(built.index, str(path))
+    mapped = read_index(path, mmap_flags(built.factory))
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(mapped).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.prefetch_nthread == 0
+    plain = faiss.read_index(str(path), mmap_flags(built.factory))  # FAISS's own default
+    assert faiss.downcast_InvertedLists(faiss.extract_index_ivf(plain).invlists).prefetch_nthread > 0
+    set_params(mapped, {"nprobe": 4})
+    set_params(built.index, {"nprobe": 4})
+    q = _unit(50, 16, seed=3)
+    np.testing.assert_array_equal(search(mapped, q, 10)[1], search(built.index, q, 10)[1])

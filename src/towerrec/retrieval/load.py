@@ -18,6 +18,7 @@ from towerrec.retrieval.index import (
     METRIC_NAME,
     gpu_off,
     mmap_flags,
+    read_index,
     search,
     select_faiss_device,
     set_params,
@@ -181,7 +182,7 @@ def load_export(path: str | Path, verify: bool = True, gpu: bool | str = False, 
     manifest = read_verified(root, METRIC_NAME, verify)
     dim, count = int(manifest["dim"]), int(manifest["count"])
     flags = mmap_flags(manifest["factory"]) if mmap and gpu_off(gpu) else 0
-    index = faiss.read_index(str(root / INDEX_FILE), flags)
+    index = read_index(root / INDEX_FILE, flags)
     items = pd.read_parquet(root / ITEMS_FILE)
     embeddings = load_npy(root / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None)
     checks = [
