@@ -315,14 +315,20 @@ app = create_app(ServeSettings(export={str(serve_exports["flat"])!r}))
 async def go():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         item = (await c.get("/v1/export")).json()["example_item_ids"][0]
-        return (await c.get(f"/v1/items/{{item}}/similar", params={{"k": 3}})).status_code
-status = asyncio.run(go())
-print(json.dumps({{"status": status, "retrieval_only": retrieval_only, "after": sorted(sys.modules)}}))
+        status = (await c.get(f"/v1/items/{{item}}/similar", params={{"k": 3}})).status_code
+        after = sorted(sys.modules)
+        loaded = [(await c.get("/v1/export")).json()["user_model_loaded"]]
+        assert (await c.post("/v1/recommend", json={{"history": [item]}})).status_code == 200
+        loaded.append((await c.get("/v1/export")).json()["user_model_loaded"])
+        return status, after, loaded
+status, after, loaded = asyncio.run(go())
+print(json.dumps({{"status": status, "retrieval_only": retrieval_only, "after": after, "loaded": loaded}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["status"] == 200
+    assert result["loaded"] == [False, True]  # /v1/export tells whether this worker loaded the user tower
     training = ("lightning", "pytorch_lightning", "towerrec.models", "towerrec.checkpoint", "towerrec.commands.train")
     assert not [m for m in result["retrieval_only"] if m.startswith(training)], "towerrec.retrieval imported it"
     assert not [m for m in result["after"] if m.startswith(training)], "the serve layer imported the training stack"
