@@ -511,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "towerrec.commands.serve", "--export", str(export), "--port", str(port),
            "--admin-token", token, "--no-access-log", "--threads", str(args.threads), "--log-level", "warning",
+           "--preload-user-tower",
            "--workers", str(args.workers)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     server = subprocess.Popen(cmd, env=env)

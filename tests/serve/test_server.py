@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -332,3 +333,26 @@ print(json.dumps({{"status": status, "retrieval_only": retrieval_only, "after": 
     training = ("lightning", "pytorch_lightning", "towerrec.models", "towerrec.checkpoint", "towerrec.commands.train")
     assert not [m for m in result["retrieval_only"] if m.startswith(training)], "towerrec.retrieval imported it"
     assert not [m for m in result["after"] if m.startswith(training)], "the serve layer imported the training stack"
+
+
+def test_preload_user_tower_before_the_first_request_or_a_one_line_refusal(tiny_ckpt, serve_exports, tmp_path):
+    """``--preload-user-tower``: the worker has the user tower before any request; a checkpoint that
+    is gone stops the server at start with one line (the supervisor checks it without torch)."""
+    from conftest import index_spec
+
+    from towerrec.commands.serve import main as serve_cli
+    from towerrec.retrieval.writer import export_index
+    from towerrec.serve import ServeSettings, create_app
+
+    lazy = create_app(ServeSettings(export=str(serve_exports["flat"])))
+    assert not lazy.state.holder.current.user_model_loaded
+    app = create_app(ServeSettings(export=str(serve_exports["flat"]), preload_user_tower=True))
+    assert app.state.holder.current.user_model_loaded
+
+    ckpt = Path(shutil.copy(tiny_ckpt, tmp_path / "moved.ckpt"))
+    export = export_index(ckpt, index_spec("flat"), tmp_path / "export", n_queries=20)
+    ckpt.unlink()
+    with pytest.raises(SystemExit) as cli:
+        serve_cli(["--export", str(export), "--preload-user-tower", "--workers", "2"])
+    assert str(cli.value.code).startswith("error: checkpoint") and "missing" in str(cli.value.code)
+    assert "\n" not in str(cli.value.code)

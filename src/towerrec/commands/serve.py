@@ -12,6 +12,7 @@ import os
 import sys
 
 from towerrec.retrieval import ExportError, load_export
+from towerrec.retrieval.folder import verified_checkpoint
 from towerrec.serve.app import create_app
 from towerrec.serve.listeners import reuse_port_available, run_workers
 from towerrec.serve.options import AUDIENCE_TOKEN_ENV, SETTINGS_ENV, TOKEN_ENV, ServeSettings, settings_env
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shared-socket", action="store_true",
                    help="--workers N: one listening socket shared by the workers, as uvicorn does, instead of "
                         "one per worker (SO_REUSEPORT on Linux, which spreads new connections evenly)")  # fmt: skip
+    p.add_argument("--preload-user-tower", action="store_true",
+                   help="load the user tower in every worker before serving, not at its first history query")  # fmt: skip
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     args = p.parse_args(argv)
     for name in ("workers", "threads", "max_k", "max_audience_k", "max_batch", "max_items", "max_body_bytes"):
@@ -76,10 +79,14 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
         audience_token=args.audience_token or None,
         max_audience_k=args.max_audience_k,
+        preload_user_tower=args.preload_user_tower,
     )
     try:
         # Verified before uvicorn binds the port: a tampered or incomplete export never serves.
         index = load_export(args.export, verify=True, gpu=args.gpu)
+        if args.preload_user_tower:  # the checkpoint too (without torch: the workers load the model)
+            ckpt = index.manifest.get("checkpoint") or {}
+            verified_checkpoint(ckpt.get("path", ""), ckpt.get("sha256"))
     except (ExportError, ValueError) as err:
         sys.exit(f"error: {err}")
 

@@ -26,6 +26,16 @@ class ExportError(RuntimeError):
     """An export folder that cannot be written, or read back as it was written."""
 
 
+def verified_checkpoint(path: str | Path, sha256: str | None) -> Path:
+    """The checkpoint named in an export manifest, refused when it is missing or changed since export."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path} named in the export manifest is missing (pass its new path)")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ExportError(f"checkpoint {path} changed since export (sha256 mismatch); re-run towerrec-export")
+    return path
+
+
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON, without its own ``manifest_sha256`` entry."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}

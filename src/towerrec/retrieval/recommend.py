@@ -9,25 +9,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from towerrec.fileio import file_sha256
 from towerrec.models.checkpoint import load_model
-from towerrec.retrieval.folder import ExportError
+from towerrec.retrieval.folder import verified_checkpoint
 from towerrec.retrieval.hits import Hit
 
 if TYPE_CHECKING:
     from towerrec.retrieval.load import ItemIndex
 
 log = logging.getLogger(__name__)
-
-
-def verified_checkpoint(path: str | Path, sha256: str | None) -> Path:
-    """The checkpoint named in an export manifest, refused when it is missing or changed since export."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint {path} named in the export manifest is missing (pass its new path)")
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise ExportError(f"checkpoint {path} changed since export (sha256 mismatch); re-run towerrec-export")
-    return path
 
 
 class Recommender:

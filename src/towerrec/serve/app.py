@@ -56,7 +56,8 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
         index: the export already loaded and verified by the caller; loaded (and verified) here when None.
 
     Raises:
-        ExportError: with a one-line reason, for a tampered or incomplete export.
+        ExportError: with a one-line reason, for a tampered or incomplete export (or, with
+            ``preload_user_tower``, a missing or changed checkpoint).
     """
     app = FastAPI(
         title="towerrec-serve",
@@ -68,6 +69,8 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
     app.state.settings = settings
     app.state.limits = limits_of(settings)
     app.state.holder = ExportHolder(settings.export, settings.gpu, settings.threads, index)
+    if settings.preload_user_tower:  # before the worker accepts a request (ExportError: checkpoint refused)
+        app.state.holder.current.recommender()
     app.openapi = stated_limits(app, settings)  # the schema states this server's limits
     one_line_errors(app, settings.max_body_bytes)
     for router in ROUTERS:
