@@ -125,7 +125,7 @@ def export_summary(served: ServedDep, holder: HolderDep) -> dict:
         "device": served.device,
         "loaded_at": served.loaded_at,
         "reloads": holder.reloads,
-        "user_model_loaded": served.user_model_loaded,  # loaded at this worker's first history query
+        "user_model_loaded": served.user_model_loaded,  # at start (--preload-user-tower), else at the first history query
         "batching": {name: {"batches": b.batches, "queries": b.queries}
                      for name, b in (("similar", served.similar), ("recommend", served.recommend))},  # fmt: skip
         "example_item_ids": served.index.items["item_id"].head(5).astype(str).tolist(),
