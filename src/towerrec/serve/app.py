@@ -17,9 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from towerrec.retrieval import ItemIndex
 from towerrec.serve.deps import limits_of
 from towerrec.serve.errors import one_line_errors
+from towerrec.serve.lean import LeanSimilar
 from towerrec.serve.openapi import stated_limits
 from towerrec.serve.options import ServeSettings, settings_from_env
-from towerrec.serve.routes import ROUTERS
+from towerrec.serve.routes import API, ROUTERS
 from towerrec.serve.schemas import Problem
 from towerrec.serve.state import ExportHolder
 
@@ -73,6 +74,7 @@ def create_app(settings: ServeSettings, index: ItemIndex | None = None) -> FastA
         app.state.holder.current.recommender()
     app.openapi = stated_limits(app, settings)  # the schema states this server's limits
     one_line_errors(app, settings.max_body_bytes)
+    app.router.routes.append(LeanSimilar(API))  # before the FastAPI routes: it takes the well-formed queries
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -236,15 +236,19 @@ def answer_batch(answer: Callable[[Served, Limits, object], dict], served: Serve
     return AnswerJSON({"responses": [answer(served, limits, q) for q in batch]})
 
 
-@queries.get("/items/{item_id}/similar", response_model=Results, responses=QUERY)
-async def similar_items(item_id: str, params: Annotated[SimilarQuery, Query()], request: Request) -> JSONResponse:
-    """Items most similar to ``item_id`` (the product page); cold items go through their content path."""
-    served, limits = query_context(request)
-    # The parameters were validated as SimilarQuery; the path's id is a string.
+async def answer_similar(served: Served, limits: Limits, item_id: str, params: SimilarQuery) -> JSONResponse:
+    """One product-page query, through the export's micro-batcher (``params`` already validated)."""
     q = SimilarRequest.model_construct(item_id=item_id, k=params.k, exclude=split_ids(params.exclude))
     check_similar(served, limits, q)
     hits = await served.similar.answer((q.item_id, q.k, q.exclude))
     return AnswerJSON(similar_answer(served, q, hits))
+
+
+@queries.get("/items/{item_id}/similar", response_model=Results, responses=QUERY)
+async def similar_items(item_id: str, params: Annotated[SimilarQuery, Query()], request: Request) -> JSONResponse:
+    """Items most similar to ``item_id`` (the product page); cold items go through their content path."""
+    # Well-formed requests are answered by serve.lean.LeanSimilar before they reach this route.
+    return await answer_similar(*query_context(request), item_id, params)
 
 
 @queries.post("/similar", response_model=BatchResults, responses={**QUERY, **BATCH})
