@@ -494,7 +494,7 @@ def export_index(
         )  # fmt: skip
     recall = recall_check(model, dm, built, item_emb, vectors, ids, recall_k, n_queries, seed)
     log.info("recall@%d vs exact: users %s, items %.4f", recall["k"], recall["recall_user"], recall["recall_item"])
-    _warn_low_recall(recall, warn_below, spec.name, spec.target_recall if tuned is not None else None)
+    _warn_low_recall(recall, warn_below, spec.name, spec.target_recall)
     index = built.index
 
     customers = None
